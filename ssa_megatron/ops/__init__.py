@@ -1,0 +1,61 @@
+"""SSA functional ops, ``[batch, seq, heads, head_dim]`` layout, with a ``backend=`` switch.
+
+``backend="torch"`` is the reference (``reference.py``), the oracle for every fast path;
+``"triton"`` runs the kernels of the ``ssa_kernels`` package; ``"auto"`` picks Triton for CUDA
+tensors when it is importable and torch otherwise. The full stream always uses PyTorch SDPA
+(flash / cuDNN on GPU), which is the fastest dense causal attention available.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from ssa_megatron.ops import reference
+from ssa_megatron.ops.backend import resolve_backend
+from ssa_megatron.ops.validation import check_block_args, check_idx, check_pair, check_qkv
+
+__all__ = ["full_attention", "select_blocks", "sparse_attention", "alignment_loss", "resolve_backend"]
+
+
+def full_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, backend: str = "auto") -> torch.Tensor:
+    """Causal attention, scale 1/sqrt(d): q ``[b, s, hq, d]``, k/v ``[b, s, hkv, d]`` -> ``[b, s, hq, d]``."""
+    check_qkv(q, k, v)
+    resolve_backend(backend, q.device)  # validates the name; SDPA serves every backend
+    return reference.full_attention(q, k, v)
+
+
+def select_blocks(q: torch.Tensor, k: torch.Tensor, block_size: int, top_k: int, backend: str = "auto") -> torch.Tensor:
+    """Exact top-k block selection per token and KV head -> ``[b, s, hkv, top_k]`` int64.
+
+    Slot 0 is the token's own block, then the most important earlier blocks (importance:
+    per-head softmax of q against mean-pooled block keys, normalised over blocks complete at the
+    token, summed over the GQA group, in float32); -1 fills slots with no earlier block left.
+    """
+    check_qkv(q, k)
+    check_block_args(block_size, top_k)
+    if resolve_backend(backend, q.device) == "triton":
+        import ssa_kernels
+
+        return ssa_kernels.select_blocks(q, k, block_size, top_k)
+    return reference.select_blocks(q, k, block_size, top_k)
+
+
+def sparse_attention(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, idx: torch.Tensor, block_size: int, backend: str = "auto"
+) -> torch.Tensor:
+    """Attention over the selected blocks only, causal inside the own block -> ``[b, s, hq, d]``."""
+    check_qkv(q, k, v)
+    check_block_args(block_size)
+    check_idx(idx, q, k)
+    if resolve_backend(backend, q.device) == "triton":
+        import ssa_kernels
+
+        return ssa_kernels.sparse_attention(q, k, v, idx, block_size)
+    return reference.sparse_attention(q, k, v, idx, block_size)
+
+
+def alignment_loss(o_full: torch.Tensor, o_sparse: torch.Tensor, backend: str = "auto") -> torch.Tensor:
+    """``SmoothL1(o_full, sg(o_sparse)) + SmoothL1(sg(o_full), o_sparse)``, beta 1, mean, float32 scalar."""
+    check_pair(o_full, o_sparse)
+    resolve_backend(backend, o_full.device)
+    return reference.alignment_loss(o_full, o_sparse)

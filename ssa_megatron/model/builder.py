@@ -1,0 +1,92 @@
+"""Build the Llama-style GPT with SSA attention through Megatron-core's ``GPTModel``.
+
+One model chunk per virtual pipeline stage of this rank (one chunk without interleaving).
+Process groups must already be initialised (``ssa_megatron.train.distributed``).
+"""
+
+from __future__ import annotations
+
+import importlib.util
+
+import torch
+import torch.nn.functional as F
+from megatron.core import parallel_state
+from megatron.core.models.gpt import GPTModel
+from megatron.core.transformer.transformer_config import TransformerConfig
+
+from ssa_megatron.config import RunConfig
+from ssa_megatron.model.layer_specs import get_ssa_block_spec
+from ssa_megatron.model.step_state import SSAStepState
+
+# Megatron pads the vocabulary so that every tensor-parallel shard of the embedding is a multiple of this.
+VOCAB_PAD_MULTIPLE = 128
+
+
+def padded_vocab_size(vocab_size: int, tensor_parallel_size: int) -> int:
+    multiple = VOCAB_PAD_MULTIPLE * tensor_parallel_size
+    return -(-vocab_size // multiple) * multiple
+
+
+def transformer_config(cfg: RunConfig) -> TransformerConfig:
+    """Megatron's ``TransformerConfig`` for the run: fused kernels off unless their libraries exist."""
+    m, p = cfg.model, cfg.parallel
+    have_fused_norms = any(importlib.util.find_spec(name) for name in ("transformer_engine", "apex"))
+    if p.sequence_parallel and not have_fused_norms:
+        raise ValueError(
+            "parallel.sequence_parallel=true needs Transformer Engine or apex norms "
+            "(PyTorch's RMSNorm in Megatron's local spec refuses sequence parallelism): set it to false"
+        )
+    dtype = torch.bfloat16 if cfg.train.dtype == "bf16" else torch.float32
+    vpp = p.virtual_pipeline_model_parallel_size
+    return TransformerConfig(
+        num_layers=m.num_layers,
+        hidden_size=m.hidden_size,
+        ffn_hidden_size=m.ffn_hidden_size,
+        num_attention_heads=m.num_attention_heads,
+        num_query_groups=m.num_query_groups,
+        kv_channels=m.head_dim,
+        normalization="RMSNorm",
+        layernorm_epsilon=m.norm_epsilon,
+        gated_linear_unit=True,
+        activation_func=F.silu,
+        add_bias_linear=False,
+        hidden_dropout=0.0,
+        attention_dropout=0.0,
+        init_method_std=m.init_method_std,
+        tensor_model_parallel_size=p.tensor_model_parallel_size,
+        pipeline_model_parallel_size=p.pipeline_model_parallel_size,
+        virtual_pipeline_model_parallel_size=vpp if vpp and vpp > 1 else None,
+        sequence_parallel=p.sequence_parallel,
+        params_dtype=dtype,
+        pipeline_dtype=dtype,
+        bf16=dtype == torch.bfloat16,
+        # Fusions that need apex/TE or CUDA-only JIT: the plain PyTorch path is complete without them.
+        bias_activation_fusion=False,
+        bias_dropout_fusion=False,
+        masked_softmax_fusion=False,
+        apply_rope_fusion=False,
+        gradient_accumulation_fusion=False,
+        persist_layer_norm=False,
+    )
+
+
+def build_model_chunks(cfg: RunConfig, config: TransformerConfig, step_state: SSAStepState, vocab_size: int) -> list[GPTModel]:
+    """This rank's model chunks (one per virtual pipeline stage), on the current device."""
+    vpp = config.virtual_pipeline_model_parallel_size
+    chunks = []
+    for vp_stage in range(vpp or 1):
+        stage = vp_stage if vpp else None
+        model = GPTModel(
+            config=config,
+            transformer_layer_spec=get_ssa_block_spec(config, cfg.ssa, step_state, vp_stage=stage),
+            vocab_size=padded_vocab_size(vocab_size, config.tensor_model_parallel_size),
+            max_sequence_length=cfg.model.seq_length,
+            pre_process=parallel_state.is_pipeline_first_stage(ignore_virtual=False, vp_stage=stage),
+            post_process=parallel_state.is_pipeline_last_stage(ignore_virtual=False, vp_stage=stage),
+            share_embeddings_and_output_weights=cfg.model.tie_embeddings,
+            position_embedding_type="rope",
+            rotary_base=cfg.model.rotary_base,
+            vp_stage=stage,
+        )
+        chunks.append(model)
+    return chunks

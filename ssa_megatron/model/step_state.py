@@ -1,0 +1,75 @@
+"""State every SSA core attention of one model replica shares during a training step.
+
+The trainer owns one :class:`SSAStepState` per process and hands it to the layer spec; the
+core attentions read the mode of the current micro-batch from it and record their alignment
+losses into it. Nothing here communicates: reductions for logging live in ``metrics.py``.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from ssa_megatron.config import SSAConfig
+
+
+def draw_mode(seed: int, iteration: int, microbatch: int) -> str:
+    """The attention stream (``full`` or ``sparse``, p = 1/2) of one micro-batch of SSA training.
+
+    A pure function of (seed, iteration, micro-batch): every rank of a model replica (TP, PP, CP)
+    draws the same mode with no communication, and a resumed run draws what the original would.
+    """
+    generator = np.random.default_rng([seed, iteration, microbatch])
+    return "sparse" if generator.random() < 0.5 else "full"
+
+
+class SSAStepState:
+    """Mode of the current micro-batch, alignment-loss gradient scale, and per-layer loss records."""
+
+    def __init__(self, ssa: SSAConfig, num_layers: int, tp_size: int = 1):
+        self.ssa = ssa
+        self.num_layers = num_layers
+        self.tp_size = tp_size
+        self.mode = ssa.attention_mode if ssa.training_mode == "ssa" else ssa.training_mode
+        self.num_microbatches = 1
+        self.loss_scale = 1.0  # the optimizer's grad scale (fp16 loss scaling), 1 otherwise
+        self._layer_losses: torch.Tensor | None = None  # [num_layers] sums of this step's per-micro-batch means
+        self.sparse_microbatches = 0
+        self.microbatches = 0
+
+    def begin_step(self, num_microbatches: int) -> None:
+        self.num_microbatches = num_microbatches
+        self._layer_losses = None
+        self.sparse_microbatches = 0
+        self.microbatches = 0
+
+    def begin_microbatch(self, seed: int, iteration: int, microbatch: int) -> None:
+        """Set the stream for the forward pass of one micro-batch (all layers of this chunk)."""
+        if self.ssa.training_mode == "ssa":
+            self.mode = draw_mode(seed, iteration, microbatch)
+        self.microbatches += 1
+        self.sparse_microbatches += self.mode == "sparse"
+
+    def use_inference_mode(self) -> None:
+        self.mode = self.ssa.attention_mode
+
+    @property
+    def alignment_grad_scale(self) -> float:
+        """d(objective)/d(layer loss on this rank) = alpha / (layers x micro-batches x TP ranks).
+
+        The objective is ``CE + alpha * mean_layers(L_align)`` averaged over micro-batches, where each
+        TP rank's loss is the mean over its own heads: the model-wide layer loss is the mean over ranks.
+        """
+        return self.ssa.alpha * self.loss_scale / (self.num_layers * self.num_microbatches * self.tp_size)
+
+    def record_alignment(self, layer_number: int, loss: torch.Tensor) -> None:
+        """Add one micro-batch's alignment loss of global layer ``layer_number`` (1-based)."""
+        if self._layer_losses is None:
+            self._layer_losses = torch.zeros(self.num_layers, dtype=torch.float32, device=loss.device)
+        self._layer_losses[layer_number - 1] += loss.detach().float() / self.num_microbatches
+
+    def layer_losses(self, device: torch.device) -> torch.Tensor:
+        """This rank's ``[num_layers]`` record (zeros for layers it does not hold)."""
+        if self._layer_losses is None:
+            return torch.zeros(self.num_layers, dtype=torch.float32, device=device)
+        return self._layer_losses.to(device)

@@ -1,0 +1,3 @@
+from ssa_megatron.train.cli import main
+
+main()

@@ -1,0 +1,64 @@
+"""Model-wide training metrics, reduced so that every rank reports the same numbers.
+
+Every collective here runs on every rank, whatever it recorded (a stage with no layers of a kind
+contributes zeros): no early return can leave other ranks waiting in an all-reduce.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+from megatron.core import parallel_state
+
+from ssa_megatron.config import RunConfig
+
+
+def model_wide_alignment_loss(layer_losses: torch.Tensor) -> tuple[float, list[float]]:
+    """(mean over all layers, per-layer values) of the alignment loss of one step.
+
+    ``layer_losses`` is this rank's ``[num_layers]`` record, filled only at its own global layers.
+    Pipeline stages hold disjoint layers (SUM), tensor-parallel ranks each hold the mean over their
+    own heads (mean over ranks = model-wide mean), data-parallel replicas saw different data (mean).
+    """
+    losses = layer_losses.clone()
+    dist.all_reduce(losses, group=parallel_state.get_pipeline_model_parallel_group())
+    dist.all_reduce(losses, group=parallel_state.get_tensor_model_parallel_group())
+    losses /= parallel_state.get_tensor_model_parallel_world_size()
+    dist.all_reduce(losses, group=parallel_state.get_data_parallel_group())
+    losses /= parallel_state.get_data_parallel_world_size()
+    per_layer = losses.tolist()
+    return sum(per_layer) / len(per_layer), per_layer
+
+
+def model_wide_lm_loss(microbatch_losses: list[dict], device: torch.device) -> float:
+    """Mean LM loss of the step over micro-batches and data-parallel replicas, known on every rank.
+
+    Only the last pipeline stage has losses; it broadcasts the DP-averaged value to every stage.
+    """
+    value = torch.zeros(1, dtype=torch.float32, device=device)
+    if parallel_state.is_pipeline_last_stage(ignore_virtual=True) and microbatch_losses:
+        value += torch.stack([d["lm loss"].float() for d in microbatch_losses]).mean()
+        dist.all_reduce(value, group=parallel_state.get_data_parallel_group())
+        value /= parallel_state.get_data_parallel_world_size()
+    last_stage_rank = parallel_state.get_pipeline_model_parallel_last_rank()
+    dist.broadcast(value, src=last_stage_rank, group=parallel_state.get_pipeline_model_parallel_group())
+    return value.item()
+
+
+def flops_per_token(cfg: RunConfig, vocab_size: int) -> float:
+    """Model FLOPs (forward + backward = 3x forward) per trained token, for TFLOP/s/GPU.
+
+    Matmuls: 2 FLOPs per weight per token (QKV, gate, output projection, SwiGLU, logits).
+    Attention per layer and token: full stream ``2 * 2 * hq * d * s / 2`` (QK^T and PV over the
+    causal half); the sparse stream the same with ``min(s / 2, block_size * top_k)`` keys.
+    Which streams count follows the training mode (SSA computes both).
+    """
+    m, s = cfg.model, cfg.model.seq_length
+    d, hq, hkv = m.head_dim, m.num_attention_heads, m.num_query_groups
+    attn_weights = m.hidden_size * d * (hq + 2 * hkv) + m.hidden_size * hq + hq * d * m.hidden_size
+    mlp_weights = 3 * m.hidden_size * m.ffn_hidden_size
+    dense = 2 * (m.num_layers * (attn_weights + mlp_weights) + m.hidden_size * vocab_size)
+    full = 4 * hq * d * s / 2
+    sparse = 4 * hq * d * min(s / 2, cfg.ssa.block_size * cfg.ssa.top_k)
+    streams = {"ssa": full + sparse, "full": full, "sparse": sparse}[cfg.ssa.training_mode]
+    return 3 * (dense + m.num_layers * streams)

@@ -114,7 +114,8 @@ def sparse_attention(
         # Token indices of the selected blocks: [b, c, hkv, top_k * bs]
         keys = (sel.clamp(min=0)[..., None] * block_size + offsets).flatten(-2)
         valid = (sel[..., None] >= 0).expand(-1, -1, -1, -1, block_size).flatten(-2)
-        valid &= keys <= positions[None, :, None, None]
+        # Out of place: with top_k == 1 the flatten above is a stride-0 view of the expand.
+        valid = valid & (keys <= positions[None, :, None, None])
         keys = keys.clamp(max=s - 1)
         k_sel = k[batch, keys, head]  # [b, c, hkv, top_k * bs, d]
         v_sel = v[batch, keys, head]

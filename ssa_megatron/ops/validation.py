@@ -26,7 +26,7 @@ def check_qkv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor | None = None) -
         raise ValueError(f"k shape {tuple(k.shape)} does not match q shape {tuple(q.shape)} in batch, seq or head_dim")
     if v is not None and v.shape != k.shape:
         raise ValueError(f"v shape {tuple(v.shape)} must equal k shape {tuple(k.shape)}")
-    if hq % k.shape[2] != 0:
+    if k.shape[2] == 0 or hq % k.shape[2] != 0:
         raise ValueError(f"query heads ({hq}) must be a multiple of key/value heads ({k.shape[2]})")
 
 
@@ -55,5 +55,7 @@ def check_pair(o_full: torch.Tensor, o_sparse: torch.Tensor) -> None:
         raise ValueError("o_full and o_sparse must be tensors")
     if o_full.shape != o_sparse.shape:
         raise ValueError(f"o_full shape {tuple(o_full.shape)} != o_sparse shape {tuple(o_sparse.shape)}")
+    if o_full.device != o_sparse.device:
+        raise ValueError(f"o_full is on {o_full.device} but o_sparse is on {o_sparse.device}: pass both on one device")
     if not o_full.is_floating_point() or not o_sparse.is_floating_point():
         raise ValueError(f"o_full/o_sparse must be floating tensors, got {o_full.dtype}/{o_sparse.dtype}")

@@ -120,10 +120,11 @@ def sparse_attention(
         k_sel = k[batch, keys, head]  # [b, c, hkv, top_k * bs, d]
         v_sel = v[batch, keys, head]
         q_c = q[:, positions].reshape(b, c, hkv, g, d)
-        scores = torch.einsum("bchgd,bchnd->bchgn", q_c.float(), k_sel.float()) * scale
+        acc = torch.promote_types(q.dtype, torch.float32)  # fp32 accumulation, fp64 stays fp64
+        scores = torch.einsum("bchgd,bchnd->bchgn", q_c.to(acc), k_sel.to(acc)) * scale
         scores = scores.masked_fill(~valid[:, :, :, None, :], float("-inf"))
         probs = scores.softmax(dim=-1)
-        o = torch.einsum("bchgn,bchnd->bchgd", probs, v_sel.float())
+        o = torch.einsum("bchgn,bchnd->bchgd", probs, v_sel.to(acc))
         outputs.append(o.reshape(b, c, hq, d).to(q.dtype))
     return torch.cat(outputs, dim=1)
 

@@ -40,9 +40,10 @@ class StepRecord:
 class Trainer:
     """Holds what a run builds once; ``step()`` is one optimizer step."""
 
-    def __init__(self, cfg: RunConfig):
+    def __init__(self, cfg: RunConfig, build_data=build_training_data):
+        """``build_data(cfg, ctx) -> TrainingData`` (tests pass one that serves in-memory data)."""
         self.ctx = distributed.initialize(cfg)
-        self.data: TrainingData = build_training_data(cfg, self.ctx)
+        self.data: TrainingData = build_data(cfg, self.ctx)
         if cfg.model.vocab_size is None:
             cfg = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, vocab_size=self.data.vocab_size))
         elif cfg.model.vocab_size < self.data.vocab_size:
@@ -110,7 +111,10 @@ class Trainer:
         microbatch = counters.get(id(model), 0)
         counters[id(model)] = microbatch + 1
         if model.training:
-            self.step_state.begin_microbatch(self.cfg.train.seed, iteration, microbatch)
+            # Key the draw by the global position of this micro-batch's data in the step, so any
+            # data-parallel layout trains the same samples with the same modes.
+            global_microbatch = microbatch * self.ctx.dp_size + self.ctx.dp_rank
+            self.step_state.begin_microbatch(self.cfg.train.seed, iteration, global_microbatch)
             self.step_state.loss_scale = float(self.optimizer.get_loss_scale())
         batch = {k: v.to(self.ctx.device, non_blocking=True) for k, v in next(data_iterator).items()}
         output = model(batch["tokens"], batch["position_ids"], None, labels=batch["labels"])
@@ -178,9 +182,9 @@ def _masked_mean_loss(loss_mask: torch.Tensor, per_token_loss: torch.Tensor):
     return loss, {"lm loss": loss.detach().clone()}
 
 
-def train(cfg: RunConfig) -> list[StepRecord]:
+def train(cfg: RunConfig, build_data=build_training_data) -> list[StepRecord]:
     """Run a whole training job; returns the per-step records (also logged)."""
-    trainer = Trainer(cfg)
+    trainer = Trainer(cfg, build_data)
     logger = StepLogger(trainer.cfg, trainer.ctx, trainer.num_microbatches)
     history = []
     try:

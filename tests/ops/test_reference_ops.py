@@ -332,10 +332,6 @@ def test_sparse_attention_bruteforce_detects_a_perturbed_idx():
     torch.testing.assert_close(out.double(), _dense_attention(q, k, v, _token_mask(perturbed, s, bs)), **_TOL[torch.float32])
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="reference.sparse_attention upcasts with .float(): float64 inputs are computed in float32",
-)
 def test_sparse_attention_float64_inputs_keep_float64_precision():
     q, k, v = _qkv(9, 1, 37, 4, 2, 16, torch.float64)
     idx = _random_idx(9, 1, 37, 2, 4, 3)

@@ -1,0 +1,91 @@
+"""Train/valid/test GPT datasets from a blend of indexed prefixes, via megatron-core's builder.
+
+``BlendedMegatronDatasetBuilder`` + ``GPTDataset`` do the sampling: documents shuffled per
+epoch with ``seed``, packed into ``seq_length + 1`` token windows, blended by weight, with
+their index arrays cached under ``<cache_dir>/indices`` (shared by all ranks: rank 0 builds
+them, then the others load; the cache must live on a filesystem every rank sees, like
+Megatron-LM's ``--data-cache-path``). Every rank builds the datasets (``is_built_on_rank``
+is always true) because every rank here feeds a model replica or a pipeline stage.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+
+from ssa_megatron.data.config import DataConfig, parse_blend
+from ssa_megatron.data.indexed_format import read_header
+
+log = logging.getLogger(__name__)
+
+
+def check_prefixes(prefixes: list[str], vocab_size: int) -> None:
+    """Fail early, naming the file and the fix, on a missing, truncated or mismatched dataset."""
+    for prefix in prefixes:
+        try:
+            header = read_header(prefix)
+        except FileNotFoundError as e:
+            raise FileNotFoundError(f"data.data_path: {e}") from None
+        except ValueError as e:
+            raise ValueError(f"data.data_path: {e}") from None
+        if header.dtype.itemsize == 2 and vocab_size > 1 << 16:
+            raise ValueError(f"data.data_path: {prefix} stores uint16 tokens but the tokenizer has "
+                             f"{vocab_size} ids; it was preprocessed with another tokenizer, set "
+                             "data.tokenizer to that one or re-run preprocessing")
+
+
+@contextlib.contextmanager
+def _process_group_for_megatron():
+    """megatron-core 0.16.1's ``BlendedDataset`` calls ``torch.distributed.get_rank()`` without
+    checking initialisation (fixed in 0.17+); outside a distributed run, give it a private
+    one-rank gloo group for the duration of the build."""
+    import torch.distributed as dist
+
+    if dist.is_initialized():
+        yield
+        return
+    dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
+    try:
+        yield
+    finally:
+        dist.destroy_process_group()
+
+
+def build_datasets(config: DataConfig, *, seq_length: int, seed: int, num_samples: tuple[int, int, int],
+                   tokenizer) -> tuple:
+    """(train, valid, test) Megatron datasets, None for a split with zero weight.
+
+    ``num_samples`` is the number of ``seq_length`` samples each split must provide
+    (Megatron repeats epochs to reach it). Call on every rank, with or without
+    ``torch.distributed`` initialised.
+    """
+    from megatron.core.datasets.blended_megatron_dataset_builder import BlendedMegatronDatasetBuilder
+    from megatron.core.datasets.gpt_dataset import GPTDataset, GPTDatasetConfig
+
+    if config.data_path is None:
+        raise ValueError("data.data_path is None: call prepare_default_corpus() first, or set "
+                         "data.data_path and data.tokenizer")
+    if seq_length < 1 or len(num_samples) != 3 or any(n < 0 for n in num_samples):
+        raise ValueError(f"build_datasets: seq_length={seq_length} must be >= 1 and num_samples={num_samples} "
+                         "three non-negative counts (train, valid, test)")
+    prefixes, weights = parse_blend(config.data_path)
+    check_prefixes(prefixes, tokenizer.vocab_size)
+    gpt_config = GPTDatasetConfig(
+        random_seed=seed,
+        sequence_length=seq_length,
+        blend=(prefixes, weights),
+        split=config.split,
+        path_to_cache=os.path.join(os.path.abspath(config.cache_dir), "indices"),
+        tokenizer=tokenizer,
+        reset_position_ids=False,
+        reset_attention_mask=False,
+        eod_mask_loss=False,
+        create_attention_mask=False,  # SSA / flash kernels build the causal mask themselves
+    )
+    builder = BlendedMegatronDatasetBuilder(GPTDataset, list(num_samples), lambda: True, gpt_config)
+    with _process_group_for_megatron():
+        train, valid, test = builder.build()
+    log.info("datasets: train %s, valid %s, test %s samples of %d tokens",
+             *(len(d) if d is not None else None for d in (train, valid, test)), seq_length)
+    return train, valid, test

@@ -1,0 +1,217 @@
+"""Stream documents out of input pieces (JSONL, plain text, parquet; gzip/zstd compressed).
+
+``iter_documents`` yields one tuple of texts per document (one text per key) and never holds
+more than a read chunk plus one record in memory. Bad records are counted in ``ReadStats``
+(the first few described, for the caller's warning) and skipped, or raise with ``strict``; a missing key is always an error since
+it almost always means a wrong ``--json-keys``.
+"""
+
+from __future__ import annotations
+
+import gzip
+import io
+import json
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+
+from ssa_megatron.data.inputs import InputFile, Piece, file_pieces
+
+CHUNK = 1 << 22  # bytes read at a time from an input file
+MAX_EXAMPLES = 5  # malformed records described per reader (all are counted)
+
+
+@dataclass
+class ReadStats:
+    """Counters of one reader; ``bytes`` is on-disk input consumed (for progress)."""
+
+    bytes: int = 0
+    malformed: int = 0
+    empty: int = 0
+    examples: list[str] = field(default_factory=list)
+
+
+class MalformedInput(ValueError):
+    """A record that cannot be read, raised only in strict mode."""
+
+
+def open_binary(path: str, compression: str | None) -> tuple[io.BufferedIOBase, io.BufferedIOBase]:
+    """(decompressed stream, raw file); progress is measured on the raw file."""
+    raw = open(path, "rb")
+    if compression == "gzip":
+        return gzip.GzipFile(fileobj=raw, mode="rb"), raw
+    if compression == "zstd":
+        import zstandard
+
+        return zstandard.ZstdDecompressor().stream_reader(raw, read_size=CHUNK), raw
+    return raw, raw
+
+
+def _skip_through(f, sep: bytes) -> int:
+    """Read past the next ``sep``; return the bytes consumed (all that remained if none)."""
+    consumed, tail = 0, b""
+    while chunk := f.read(1 << 16):
+        data = tail + chunk
+        at = data.find(sep)
+        if at >= 0:
+            consumed += at + len(sep) - len(tail)
+            f.seek(f.tell() - (len(data) - at - len(sep)))
+            return consumed
+        consumed += len(chunk)
+        tail = data[-(len(sep) - 1):] if len(sep) > 1 else b""
+    return consumed
+
+
+def iter_records(piece: Piece, sep: bytes, stats: ReadStats) -> Iterator[tuple[int, bytes]]:
+    """(offset, record) for the ``sep``-delimited records that start inside the piece."""
+    f, raw = open_binary(piece.path, piece.compression)
+    with f:
+        pos = 0
+        if piece.start > 0:  # the record containing start-1 belongs to the previous piece
+            f.seek(piece.start - 1)
+            pos = piece.start - 1 + _skip_through(f, sep)
+        base, reported = raw.tell(), 0
+        pending: list[bytes] = []
+        while pos < piece.end:
+            chunk = f.read(CHUNK)
+            if chunk and sep not in chunk:  # inside a long record: collect, join once
+                pending.append(chunk)
+                continue
+            parts = b"".join([*pending, chunk]).split(sep)
+            pending = [parts.pop()] if chunk else []
+            for part in parts:
+                if pos >= piece.end:
+                    break
+                yield pos, part
+                pos += len(part) + len(sep)
+            done = min(raw.tell() - base, piece.size)
+            stats.bytes += done - reported
+            reported = done
+            if not chunk:
+                break
+        stats.bytes += piece.size - reported  # progress ends at exactly the piece size
+
+
+def _line_number(piece: Piece, offset: int) -> str:
+    """Human position of a record: a line number (counted on demand) or the byte offset."""
+    if piece.compression is not None:
+        return f"byte {offset} (decompressed)"
+    with open(piece.path, "rb") as f:
+        lines, remaining = 1, offset
+        while remaining > 0:
+            chunk = f.read(min(CHUNK, remaining))
+            if not chunk:
+                break
+            lines += chunk.count(b"\n")
+            remaining -= len(chunk)
+    return f"line {lines}"
+
+
+def _malformed(stats: ReadStats, strict: bool, where: Callable[[], str], why: str) -> None:
+    """Count a bad record (describing the first few), or raise in strict mode. ``where`` is
+    computed only when used (counting lines is slow)."""
+    if strict:
+        raise MalformedInput(f"{where()}: {why}; fix the input or drop --strict to count and skip "
+                             "bad records")
+    stats.malformed += 1
+    if len(stats.examples) < MAX_EXAMPLES:
+        stats.examples.append(f"{where()}: {why}")
+
+
+def _jsonl_documents(piece: Piece, keys: tuple[str, ...], stats: ReadStats,
+                     strict: bool) -> Iterator[tuple[str, ...]]:
+    for offset, record in iter_records(piece, b"\n", stats):
+        if not record.strip():
+            continue
+        try:
+            obj = json.loads(record)
+        except ValueError as e:
+            _malformed(stats, strict, lambda: f"{piece.path}:{_line_number(piece, offset)}",
+                       f"not valid JSON ({e})")
+            continue
+        if not isinstance(obj, dict):
+            _malformed(stats, strict, lambda: f"{piece.path}:{_line_number(piece, offset)}",
+                       f"a JSON {type(obj).__name__}, not an object")
+            continue
+        try:
+            texts = tuple(obj[k] for k in keys)
+        except KeyError as e:
+            raise ValueError(
+                f"{piece.path}:{_line_number(piece, offset)}: no key {e.args[0]!r} in the JSON object "
+                f"(its keys: {', '.join(map(repr, list(obj)[:10]))}); pass --json-keys with the "
+                "key that holds the text") from None
+        if not all(isinstance(t, str) for t in texts):
+            _malformed(stats, strict, lambda: f"{piece.path}:{_line_number(piece, offset)}",
+                       f"the value of {keys} is not a string")
+            continue
+        yield texts
+
+
+def _text_documents(piece: Piece, separator: str | None, stats: ReadStats,
+                    strict: bool) -> Iterator[tuple[str, ...]]:
+    if separator is None:  # the whole file is one document
+        f, _ = open_binary(piece.path, piece.compression)
+        with f:
+            records = [(0, f.read())]
+        stats.bytes += piece.size
+    else:
+        records = iter_records(piece, separator.encode("utf-8"), stats)
+    for offset, record in records:
+        if not record:
+            continue
+        try:
+            yield (record.decode("utf-8"),)
+        except UnicodeDecodeError as e:
+            _malformed(stats, strict, lambda: f"{piece.path}:{_line_number(piece, offset)}",
+                       f"not UTF-8 text ({e})")
+
+
+def _parquet_documents(piece: Piece, keys: tuple[str, ...], stats: ReadStats,
+                       strict: bool) -> Iterator[tuple[str, ...]]:
+    import pyarrow.parquet as pq
+
+    pf = pq.ParquetFile(piece.path)
+    names = pf.schema_arrow.names
+    missing = [k for k in keys if k not in names]
+    if missing:
+        raise ValueError(f"{piece.path}: no column {missing[0]!r} (columns: {', '.join(names[:10])}); "
+                         "pass --json-keys with the column that holds the text")
+    meta = pf.metadata
+    for rg in range(piece.start, piece.end):
+        for batch in pf.iter_batches(batch_size=4096, row_groups=[rg], columns=list(keys)):
+            columns = [batch.column(k).to_pylist() for k in keys]
+            for row, texts in enumerate(zip(*columns)):
+                if not all(isinstance(t, str) for t in texts):
+                    _malformed(stats, strict, lambda: f"{piece.path}: row group {rg}, row {row}",
+                               "null or non-string text")
+                    continue
+                yield texts
+        stats.bytes += sum(meta.row_group(rg).column(c).total_compressed_size
+                           for c in range(meta.num_columns))
+
+
+def iter_documents(piece: Piece, keys: tuple[str, ...], stats: ReadStats, *,
+                   text_separator: str | None = None, strict: bool = False) -> Iterator[tuple[str, ...]]:
+    """Documents of one piece as tuples aligned with ``keys`` (text files have one text)."""
+    if piece.format == "jsonl":
+        return _jsonl_documents(piece, keys, stats, strict)
+    if piece.format == "parquet":
+        return _parquet_documents(piece, keys, stats, strict)
+    return _text_documents(piece, text_separator, stats, strict)
+
+
+def iter_texts(files: list[InputFile], keys: tuple[str, ...], stats: ReadStats, *,
+               text_separator: str | None = None, max_bytes: int | None = None,
+               strict: bool = False) -> Iterator[str]:
+    """Every non-empty text of the files, in order, stopping after ``max_bytes`` characters
+    (a sample for tokenizer training)."""
+    seen = 0
+    for f in files:
+        for piece in file_pieces(f, 1 << 62, text_separator is not None):
+            for doc in iter_documents(piece, keys, stats, text_separator=text_separator,
+                                      strict=strict):
+                for text in doc:
+                    if text:
+                        yield text
+                        seen += len(text)
+                        if max_bytes is not None and seen >= max_bytes:
+                            return

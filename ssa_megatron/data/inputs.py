@@ -19,6 +19,7 @@ JSONL_SUFFIXES = (".jsonl", ".json", ".ndjson")
 TEXT_SUFFIXES = (".txt", ".text", ".md")
 # Files a directory or glob contributes when --input-format is auto.
 KNOWN_SUFFIXES = JSONL_SUFFIXES + TEXT_SUFFIXES + (".parquet",)
+TO_END = 1 << 62  # Piece.end of a compressed file: no byte limit
 
 
 @dataclass(frozen=True)
@@ -146,9 +147,10 @@ def file_pieces(f: InputFile, shard_bytes: int, splittable_text: bool) -> list[P
                 pieces.append(Piece(f.path, f.format, None, start, i + 1, acc))
                 start, acc = i + 1, 0
         return pieces
-    splittable = f.compression is None and (f.format == "jsonl" or splittable_text)
-    if not splittable or f.size <= shard_bytes:
-        return [Piece(f.path, f.format, f.compression, 0, f.size, f.size)]
+    if f.compression is not None:  # offsets inside are decompressed bytes: read to the end
+        return [Piece(f.path, f.format, f.compression, 0, TO_END, f.size)]
+    if not (f.format == "jsonl" or splittable_text) or f.size <= shard_bytes:
+        return [Piece(f.path, f.format, None, 0, f.size, f.size)]
     bounds = list(range(0, f.size, shard_bytes)) + [f.size]
     return [Piece(f.path, f.format, None, a, b, b - a) for a, b in zip(bounds[:-1], bounds[1:])]
 

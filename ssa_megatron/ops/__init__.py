@@ -57,5 +57,8 @@ def sparse_attention(
 def alignment_loss(o_full: torch.Tensor, o_sparse: torch.Tensor, backend: str = "auto") -> torch.Tensor:
     """``SmoothL1(o_full, sg(o_sparse)) + SmoothL1(sg(o_full), o_sparse)``, beta 1, mean, float32 scalar."""
     check_pair(o_full, o_sparse)
-    resolve_backend(backend, o_full.device)
+    if resolve_backend(backend, o_full.device) == "triton":
+        import ssa_kernels
+
+        return ssa_kernels.alignment_loss(o_full, o_sparse)  # fused: one read of each stream per pass
     return reference.alignment_loss(o_full, o_sparse)

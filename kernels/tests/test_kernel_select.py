@@ -1,0 +1,102 @@
+"""select_blocks (Triton) picks exactly the oracle's top-k blocks, in the oracle's slot order."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from kernel_cases import CASES, DEVICE, Case
+
+import ssa_kernels
+from ssa_megatron import ops
+from ssa_megatron.ops import reference
+
+
+def oracle_importance(q: torch.Tensor, k: torch.Tensor, block_size: int) -> torch.Tensor:
+    """[b, s, hkv, nbc] float32 importance of the torch reference, -inf where not an earlier block."""
+    positions = torch.arange(q.shape[1], device=q.device)
+    return reference.block_importance(q.float(), reference.mean_pool_blocks(k.float(), block_size), positions, block_size)
+
+
+def assert_exact_top_k(idx: torch.Tensor, q: torch.Tensor, k: torch.Tensor, block_size: int, top_k: int, rtol: float):
+    """Same own block, same -1 padding, and the chosen blocks' importances equal the true top-k's.
+
+    Sets may differ only by near-ties: then the importance values (sorted) still agree to rtol.
+    """
+    ref = reference.select_blocks(q.float(), k.float(), block_size, top_k)
+    assert idx.shape == ref.shape and idx.dtype == torch.int64
+    own = torch.arange(q.shape[1], device=q.device) // block_size
+    assert torch.equal(idx[..., 0], own[None, :, None].expand_as(idx[..., 0]))
+    assert torch.equal(idx[..., 1:] >= 0, ref[..., 1:] >= 0), "different number of picked blocks"
+    if top_k == 1 or q.shape[1] < block_size:
+        return
+    imp = oracle_importance(q, k, block_size)
+    pick = lambda sel: imp.gather(-1, sel[..., 1:].clamp(min=0)).masked_fill(sel[..., 1:] < 0, 0.0)
+    ours, theirs = pick(idx), pick(ref)
+    assert torch.isfinite(ours).all(), "picked a block that is not strictly earlier"
+    torch.testing.assert_close(ours.sort(-1).values, theirs.sort(-1).values, rtol=rtol, atol=1e-7)
+    # slots 1.. in descending importance (up to the same tolerance)
+    assert (ours[..., 1:] <= ours[..., :-1] * (1 + rtol) + 1e-7).all()
+    # distinct blocks per row
+    valid = idx[..., 1:].clamp(min=-1)
+    srt = valid.sort(-1).values
+    assert not ((srt[..., 1:] == srt[..., :-1]) & (srt[..., 1:] >= 0)).any()
+    same = (idx[..., 1:].sort(-1).values == ref[..., 1:].sort(-1).values).all(-1).float().mean().item()
+    assert same > 0.98, f"only {same:.3f} of rows pick the oracle's exact set"
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_select_blocks_matches_oracle_top_k(case: Case):
+    q, k, _ = case.inputs(seed=1)
+    idx = ssa_kernels.select_blocks(q, k, case.block_size, case.top_k)
+    assert_exact_top_k(idx, q, k, case.block_size, case.top_k, rtol=2e-4)
+
+
+def test_select_blocks_top_k_one_and_short_sequence_keep_own_block_only():
+    case = Case(1, 40, 4, 2, 16, 16, 1, torch.float32)
+    q, k, _ = case.inputs()
+    idx = ssa_kernels.select_blocks(q, k, 16, 1)
+    assert torch.equal(idx[..., 0], (torch.arange(40, device=DEVICE) // 16)[None, :, None].expand(1, 40, 2))
+    short = Case(1, 10, 4, 2, 16, 16, 3, torch.float32)
+    q, k, _ = short.inputs()
+    idx = ssa_kernels.select_blocks(q, k, 16, 3)
+    assert (idx[..., 0] == 0).all() and (idx[..., 1:] == -1).all()
+
+
+def test_select_blocks_reads_strided_queries():
+    case = Case(2, 64, 4, 2, 16, 16, 3, torch.float32)
+    q, k, _ = case.inputs(seed=3)
+    q_sb = q.transpose(0, 1).contiguous().transpose(0, 1)  # Megatron's [s, b, h, d] seen as [b, s, h, d]
+    assert not q_sb.is_contiguous()
+    assert torch.equal(ssa_kernels.select_blocks(q_sb, k, 16, 3), ssa_kernels.select_blocks(q, k, 16, 3))
+
+
+def test_select_blocks_torch_path_for_budgets_beyond_the_register_top_k():
+    from ssa_kernels.select import select_blocks_torch
+
+    case = Case(1, 150, 4, 2, 16, 16, 6, torch.float32)
+    q, k, _ = case.inputs(seed=4)
+    assert_exact_top_k(select_blocks_torch(q, k, 16, 6), q, k, 16, 6, rtol=1e-5)
+
+
+def test_ops_triton_backend_dispatches_to_the_kernel():
+    case = Case(1, 50, 4, 2, 16, 16, 3, torch.float32)
+    q, k, _ = case.inputs(seed=5)
+    assert torch.equal(ops.select_blocks(q, k, 16, 3, backend="triton"), ssa_kernels.select_blocks(q, k, 16, 3))
+
+
+@pytest.mark.parametrize(
+    "bad",
+    [
+        pytest.param(lambda q, k: ssa_kernels.select_blocks(q, k[:, :-1], 16, 3), id="seq-mismatch"),
+        pytest.param(lambda q, k: ssa_kernels.select_blocks(q[:, :, :3], k, 16, 3), id="heads-not-multiple"),
+        pytest.param(lambda q, k: ssa_kernels.select_blocks(q, k, 0, 3), id="block-size-zero"),
+        pytest.param(lambda q, k: ssa_kernels.select_blocks(q, k, 16, 0), id="top-k-zero"),
+        pytest.param(lambda q, k: ssa_kernels.select_blocks(q, k.half(), 16, 3), id="dtype-mismatch"),
+        pytest.param(lambda q, k: ssa_kernels.select_blocks(q[..., :12], k[..., :12], 16, 3), id="head-dim-12"),
+        pytest.param(lambda q, k: ssa_kernels.select_blocks(q[0], k[0], 16, 3), id="3d"),
+    ],
+)
+def test_select_blocks_refuses_bad_input(bad):
+    q, k, _ = Case(1, 32, 4, 2, 16, 16, 3, torch.float32).inputs()
+    with pytest.raises(ValueError):
+        bad(q, k)

@@ -56,6 +56,10 @@ def transformer_config(cfg: RunConfig) -> TransformerConfig:
         tensor_model_parallel_size=p.tensor_model_parallel_size,
         pipeline_model_parallel_size=p.pipeline_model_parallel_size,
         virtual_pipeline_model_parallel_size=vpp if vpp and vpp > 1 else None,
+        # Interleaved 1F1B sends activations and gradients to the same peer at once: Megatron-LM's
+        # default there is separate, overlapped p2p ops (a batched pair can be matched out of order).
+        overlap_p2p_comm=bool(vpp and vpp > 1),
+        batch_p2p_comm=not (vpp and vpp > 1),
         sequence_parallel=p.sequence_parallel,
         params_dtype=dtype,
         pipeline_dtype=dtype,

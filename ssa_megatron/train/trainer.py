@@ -55,9 +55,6 @@ class Trainer:
         self.num_microbatches = cfg.train.global_batch_size // (cfg.train.micro_batch_size * self.ctx.dp_size)
 
         self.config = transformer_config(cfg)
-        # Initialise full weights on the CPU with one seed, then shard: any TP/PP layout starts
-        # from the same model (what the layout-equality tests rely on).
-        self.config.use_cpu_initialization = True
         self.step_state = SSAStepState(cfg.ssa, cfg.model.num_layers, tp_size=self.ctx.tp_size)
         chunks = [c.to(self.ctx.device) for c in build_model_chunks(cfg, self.config, self.step_state, cfg.model.vocab_size)]
         ddp_config = DistributedDataParallelConfig(

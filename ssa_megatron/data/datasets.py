@@ -15,7 +15,7 @@ import logging
 import os
 
 from ssa_megatron.data.config import DataConfig, parse_blend
-from ssa_megatron.data.indexed_format import read_header
+from ssa_megatron.data.indexed_format import read_index
 
 log = logging.getLogger(__name__)
 
@@ -24,12 +24,12 @@ def check_prefixes(prefixes: list[str], vocab_size: int) -> None:
     """Fail early, naming the file and the fix, on a missing, truncated or mismatched dataset."""
     for prefix in prefixes:
         try:
-            header = read_header(prefix)
+            index = read_index(prefix)  # header, .idx and .bin sizes: O(1), no data read
         except FileNotFoundError as e:
             raise FileNotFoundError(f"data.data_path: {e}") from None
         except ValueError as e:
             raise ValueError(f"data.data_path: {e}") from None
-        if header.dtype.itemsize == 2 and vocab_size > 1 << 16:
+        if index.dtype.itemsize == 2 and vocab_size > 1 << 16:
             raise ValueError(f"data.data_path: {prefix} stores uint16 tokens but the tokenizer has "
                              f"{vocab_size} ids; it was preprocessed with another tokenizer, set "
                              "data.tokenizer to that one or re-run preprocessing")

@@ -59,3 +59,13 @@ def test_overrides_replace_yaml_values(tmp_path):
     path.write_text("train:\n  train_iters: 5\n")
     cfg = load_config(path, {"train": {"train_iters": 9}, "parallel": {"tensor_model_parallel_size": 2}})
     assert cfg.train.train_iters == 9 and cfg.parallel.tensor_model_parallel_size == 2
+
+
+def test_every_shipped_run_file_is_valid():
+    from pathlib import Path
+
+    files = sorted(Path("configs").glob("*.yaml"))
+    assert files
+    for path in files:
+        cfg = load_config(path)
+        assert cfg.model.num_attention_heads % cfg.model.num_query_groups == 0, path

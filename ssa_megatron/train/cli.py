@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import warnings
 
 from ssa_megatron.config import config_to_dict, load_config
 
@@ -52,9 +53,12 @@ def main(argv=None) -> None:
             overrides.setdefault(section, {})[key] = value
     cfg = load_config(args.config, overrides)
 
+    # Megatron warns at import when TE/apex are absent; both are optional here and reported once below.
+    warnings.filterwarnings("ignore", message=".*Transformer Engine and Apex are not installed.*")
     from ssa_megatron.train.trainer import train  # heavy imports after the config is known to be valid
 
     logging.basicConfig(level=logging.INFO, format="%(message)s")
+    logging.getLogger("megatron").setLevel(logging.WARNING)  # per-parameter DDP/optimizer dumps
     if overrides:
         logger.info("command-line overrides: %s", json.dumps(overrides))
     logger.debug("resolved config: %s", json.dumps(config_to_dict(cfg)))

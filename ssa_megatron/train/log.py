@@ -36,6 +36,12 @@ class StepLogger:
                 cfg.model.num_query_groups, cfg.model.seq_length, cfg.ssa.block_size, cfg.ssa.top_k,
                 ctx.tp_size, ctx.pp_size, ctx.dp_size, num_microbatches, ctx.device.type,
             )
+            found = {name: importlib.util.find_spec(name) is not None for name in ("transformer_engine", "apex")}
+            logger.info(
+                "optional accelerators: transformer-engine %s, apex %s%s",
+                *("found" if found[n] else "absent" for n in found),
+                "" if any(found.values()) else " (the PyTorch + Triton path is used)",
+            )
             if cfg.train.tensorboard_dir and importlib.util.find_spec("tensorboard"):
                 from torch.utils.tensorboard import SummaryWriter
 

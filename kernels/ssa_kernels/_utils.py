@@ -9,6 +9,7 @@ kernels they run are the interpreted ones (see ``kernels/tests/conftest.py``).
 from __future__ import annotations
 
 import math
+import os
 
 import torch
 import triton
@@ -16,8 +17,6 @@ import triton
 try:  # triton >= 3.4 reads TRITON_INTERPRET through its knobs
     INTERPRET: bool = bool(triton.knobs.runtime.interpret)
 except AttributeError:  # pragma: no cover - older triton
-    import os
-
     INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 # 1 / ln(2): scores are kept in base 2 so the kernels use exp2/log2 (one MUFU op each).
@@ -33,8 +32,14 @@ def cdiv(a: int, b: int) -> int:
 
 
 def configs(candidates: list[triton.Config]) -> list[triton.Config]:
-    """Autotune candidates, or only the first under the interpreter (timing it there is meaningless)."""
-    return candidates[:1] if INTERPRET else candidates
+    """Autotune candidates; only the first under the interpreter (timing it there is meaningless)
+    or with ``SSA_KERNELS_AUTOTUNE=0`` (GPU correctness tests: one compile per shape)."""
+    if INTERPRET or os.environ.get("SSA_KERNELS_AUTOTUNE", "1") == "0":
+        return candidates[:1]
+    if "SSA_KERNELS_CONFIG" in os.environ:  # one candidate per process: parallel compile warm-up (benchmark)
+        i = int(os.environ["SSA_KERNELS_CONFIG"])
+        return candidates[i : i + 1] or candidates[:1]
+    return candidates
 
 
 def dot_precision(dtype: torch.dtype) -> str:

@@ -48,6 +48,9 @@ from ssa_kernels._utils import (
 MAX_KP = 128
 # Rows (tokens x padded group heads) per program.
 ROWS = 128
+# Scores as q . hi + q . lo (float32-grade, two tensor-core dots) rather than q . bf16(k_cmp)
+# (one dot, ~4e-3 relative error on k_cmp): the spec computes importance in float32.
+SPLIT_SCORES = True
 # Sentinel of the carried top-k's padding slots (jit code reads only constexpr globals).
 I64_MAX: tl.constexpr = tl.constexpr(9223372036854775807)
 
@@ -211,8 +214,8 @@ def select_blocks_fwd(q: torch.Tensor, k: torch.Tensor, block_size: int, top_k: 
             idx[..., 1:] = -1
         return idx
     kc = mean_pool_blocks(k, block_size)  # [b, hkv, nbc, d] fp32
-    if q.dtype == torch.float32:
-        kc_hi, kc_lo, split = kc, kc, False
+    if q.dtype == torch.float32 or not SPLIT_SCORES:
+        kc_hi, kc_lo, split = kc.to(q.dtype), kc, False
     else:
         kc_hi = kc.to(q.dtype)
         kc_lo = (kc - kc_hi.float()).to(q.dtype)

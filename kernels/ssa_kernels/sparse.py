@@ -42,6 +42,8 @@ from ssa_kernels._utils import (
 
 # Tokens per dK/dV work item (a key block's selecting tokens are cut into items of this many).
 ITEM_TOKENS = 128
+# Bytes of one KV head's q + dO rows per token range of the inverse index (L2 is 50 MB on H100).
+RANGE_BYTES = 8 << 20
 
 
 _TOKEN_MAJOR_CONFIGS = configs(
@@ -214,7 +216,7 @@ def sparse_bwd_dq_kernel(
     key=["G2", "D", "BSP"],
     reset_to_zero=["dk", "dv"],
 )
-@triton.jit(do_not_specialize=["T", "NB"])
+@triton.jit(do_not_specialize=["T", "NB", "NR"])
 def sparse_bwd_dkdv_kernel(
     q,
     k,
@@ -230,6 +232,7 @@ def sparse_bwd_dkdv_kernel(
     dv,
     T,
     NB,
+    NR,
     scale2,
     scale,
     stride_qb,
@@ -261,7 +264,7 @@ def sparse_bwd_dkdv_kernel(
     i_bin = tl.load(item_bin + i_item)
     i_start = tl.load(item_start + i_item)
     i_end = tl.load(item_end + i_item)
-    i_bh, i_j = i_bin // NB, i_bin % NB
+    i_bh, i_j = i_bin // (NB * NR), i_bin % NB
     i_b, i_h = i_bh // HKV, i_bh % HKV
 
     o_s = tl.arange(0, BSP)
@@ -310,23 +313,34 @@ def sparse_bwd_dkdv_kernel(
     tl.atomic_add(dv + o_w, b_dv, mask=m_s[:, None], sem="relaxed")
 
 
-def build_inverse_index(idx: torch.Tensor, seq_len: int, block_size: int, chunk: int = ITEM_TOKENS):
+def range_tokens_for(hq: int, hkv: int, d: int) -> int:
+    """Tokens per range of the inverse index: one KV head's q + dO rows of a range ~ RANGE_BYTES."""
+    per_token = (hq // hkv) * d * 2 * 2  # g heads x d x (q, dO) x 2 bytes
+    return max(256, next_pow2(RANGE_BYTES // per_token))
+
+
+def build_inverse_index(idx: torch.Tensor, seq_len: int, block_size: int, chunk: int = ITEM_TOKENS, range_tokens: int = 0):
     """Key-block-major view of a selection, as dK/dV work items. No host sync.
 
-    idx ``[B, T, HKV, K]`` -> ``(tok, item_bin, item_start, item_end)``: ``tok`` lists, bin after
-    bin (bin = (b * HKV + h) * NB + block), the tokens that selected the block, ascending;
-    item ``i`` covers ``tok[item_start[i]:item_end[i]]`` (at most ``chunk`` tokens) of bin
-    ``item_bin[i]``. The item count is a static upper bound ``cdiv(B*T*HKV*K, chunk) + bins``;
-    surplus items are empty (``start == end``).
+    idx ``[B, T, HKV, K]`` -> ``(tok, item_bin, item_start, item_end, n_ranges)``: ``tok`` lists,
+    bin after bin, the tokens that selected a block, ascending. Bins are ordered by (batch x KV
+    head, token range, block): bin = ((b * HKV + h) * n_ranges + t // range_tokens) * NB + block,
+    so the items the GPU runs at the same time read the q/dO rows of one token range (sized to stay
+    in L2) rather than of the whole sequence; ``range_tokens=0`` means one range. Item ``i`` covers
+    ``tok[item_start[i]:item_end[i]]`` (at most ``chunk`` tokens) of bin ``item_bin[i]``. The item
+    count is a static upper bound ``cdiv(B*T*HKV*K, chunk) + bins``; surplus items are empty.
     """
     b, t, hkv, top_k = idx.shape
     dev = idx.device
     nb = cdiv(seq_len, block_size)
-    nbins = b * hkv * nb
-    # [B*HKV, T*K] block per (token, slot), bins offset per (batch, head); invalid -> bin nbins
-    blk = idx.permute(0, 2, 1, 3).reshape(b * hkv, t * top_k)
-    base = (torch.arange(b * hkv, device=dev) * nb)[:, None]
-    key = torch.where((blk >= 0) & (blk < nb), blk + base, nbins).to(torch.int32).flatten()
+    rt = range_tokens if 0 < range_tokens < t else t
+    n_ranges = cdiv(t, rt)
+    nbins = b * hkv * n_ranges * nb
+    # [B*HKV, T, K] block per (token, slot) -> bin; invalid slots -> bin nbins
+    blk = idx.permute(0, 2, 1, 3).reshape(b * hkv, t, top_k)
+    rng = (torch.arange(t, device=dev) // rt)[None, :, None]
+    base = (torch.arange(b * hkv, device=dev) * n_ranges)[:, None, None]
+    key = torch.where((blk >= 0) & (blk < nb), (base + rng) * nb + blk, nbins).to(torch.int32).flatten()
     skey, order = torch.sort(key, stable=True)
     tok = ((order % (t * top_k)) // top_k).to(torch.int32)
     bounds = torch.searchsorted(skey, torch.arange(nbins + 1, device=dev, dtype=torch.int32))
@@ -339,7 +353,7 @@ def build_inverse_index(idx: torch.Tensor, seq_len: int, block_size: int, chunk:
     istart = starts[ibin] + (items - (items_end[ibin] - n_items[ibin])) * chunk
     iend = torch.minimum(istart + chunk, starts[ibin] + counts[ibin])
     iend = torch.where(items < items_end[-1], iend, istart)
-    return tok, ibin.to(torch.int32), istart.to(torch.int32), iend.to(torch.int32)
+    return tok, ibin.to(torch.int32), istart.to(torch.int32), iend.to(torch.int32), n_ranges
 
 
 def _strides(t: torch.Tensor):
@@ -377,13 +391,12 @@ def sparse_attention_fwd(q, k, v, idx, block_size):
     return o, lse
 
 
-def sparse_attention_bwd(q, k, v, idx, o, lse, do, block_size):
-    """Launcher: dq via the token-major kernel, dk/dv via the key-block-major one."""
+def sparse_attention_bwd_dq(q, k, v, idx, o, lse, do, block_size):
+    """Launcher: dq ``[B, T, HQ, D]`` and delta ``[B, T, HQ]`` fp32, token-major."""
     b, t, hq, d = q.shape
     hkv, top_k = k.shape[2], idx.shape[-1]
     g = hq // hkv
     scale = softmax_scale(d)
-    prec = dot_precision(q.dtype)
     delta = torch.empty(b, t, hq, dtype=torch.float32, device=q.device)
     dq = torch.empty(b, t, hq, d, dtype=q.dtype, device=q.device)
     sparse_bwd_dq_kernel[(t, b * hkv)](
@@ -410,9 +423,18 @@ def sparse_attention_bwd(q, k, v, idx, o, lse, do, block_size):
         GP=max(16, next_pow2(g)),
         D=d,
         BS=block_size,
-        PREC=prec,
+        PREC=dot_precision(q.dtype),
     )
-    tok, ibin, istart, iend = build_inverse_index(idx, t, block_size)
+    return dq, delta
+
+
+def sparse_attention_bwd_dkdv(q, k, v, do, lse, delta, inverse, block_size):
+    """Launcher: dk, dv ``[B, T, HKV, D]`` (fp32 accumulation), key-block-major over ``inverse``."""
+    b, t, hq, d = q.shape
+    hkv = k.shape[2]
+    g = hq // hkv
+    scale = softmax_scale(d)
+    tok, ibin, istart, iend, n_ranges = inverse
     dk = torch.zeros(b, t, hkv, d, dtype=torch.float32, device=q.device)
     dv = torch.zeros(b, t, hkv, d, dtype=torch.float32, device=q.device)
     sparse_bwd_dkdv_kernel[(ibin.numel(),)](
@@ -430,6 +452,7 @@ def sparse_attention_bwd(q, k, v, idx, o, lse, do, block_size):
         dv,
         t,
         cdiv(t, block_size),
+        n_ranges,
         scale * LOG2E,
         scale,
         *_strides(q),
@@ -443,9 +466,17 @@ def sparse_attention_bwd(q, k, v, idx, o, lse, do, block_size):
         D=d,
         BS=block_size,
         BSP=max(16, next_pow2(block_size)),
-        PREC=prec,
+        PREC=dot_precision(q.dtype),
     )
-    return dq, dk.to(k.dtype), dv.to(v.dtype)
+    return dk.to(k.dtype), dv.to(v.dtype)
+
+
+def sparse_attention_bwd(q, k, v, idx, o, lse, do, block_size):
+    """Launcher: dq via the token-major kernel, dk/dv via the key-block-major one."""
+    dq, delta = sparse_attention_bwd_dq(q, k, v, idx, o, lse, do, block_size)
+    inverse = build_inverse_index(idx, q.shape[1], block_size, range_tokens=range_tokens_for(q.shape[2], k.shape[2], q.shape[3]))
+    dk, dv = sparse_attention_bwd_dkdv(q, k, v, do, lse, delta, inverse, block_size)
+    return dq, dk, dv
 
 
 class SparseAttentionFunction(torch.autograd.Function):

@@ -36,7 +36,10 @@ def test_sparse_attention_output_and_grads_match_oracle(case: Case):
         assert err < tol, f"{name}: relative RMS error {err:.2e} >= {tol:.0e}"
 
 
-def test_sparse_attention_on_kernel_selection_with_int32_idx_and_strided_inputs():
+def test_sparse_attention_on_kernel_selection_with_int32_idx_strided_inputs_and_token_ranges(monkeypatch):
+    from ssa_kernels import sparse as sparse_mod
+
+    monkeypatch.setattr(sparse_mod, "range_tokens_for", lambda *shape: 32)  # several ranges at seq 70
     case = Case(2, 70, 4, 2, 16, 16, 3, torch.float32)
     q, k, v = case.inputs(seed=6)
     # Megatron's [s, b, h, d] tensors seen as [b, s, h, d]: non-contiguous, head dim contiguous
@@ -60,18 +63,22 @@ def test_ops_triton_backend_matches_torch_backend():
     assert rel_err(o, ops.sparse_attention(q, k, v, idx, 16, backend="torch")) < 1e-5
 
 
-def test_inverse_index_lists_every_selecting_token_once_per_block():
+@pytest.mark.parametrize("range_tokens", [0, 32])
+def test_inverse_index_lists_every_selecting_token_once_per_block(range_tokens):
     case = Case(2, 90, 4, 2, 16, 16, 4, torch.float32)
     q, k, _ = case.inputs(seed=8)
     idx = reference.select_blocks(q, k, 16, 4)
-    tok, ibin, istart, iend = ssa_kernels.build_inverse_index(idx, 90, 16, chunk=5)
+    tok, ibin, istart, iend, n_ranges = ssa_kernels.build_inverse_index(idx, 90, 16, chunk=5, range_tokens=range_tokens)
     nb = -(-90 // 16)
+    assert n_ranges == (1 if range_tokens == 0 else 3)
     got = set()
     for i in range(ibin.numel()):
+        bin_ = int(ibin[i])
+        bh, r, blk = bin_ // (nb * n_ranges), (bin_ // nb) % n_ranges, bin_ % nb
         for t in tok[istart[i] : iend[i]].tolist():
-            pair = (int(ibin[i]), t)
-            assert pair not in got
-            got.add(pair)
+            assert n_ranges == 1 or t // range_tokens == r
+            assert (bh, blk, t) not in got
+            got.add((bh, blk, t))
         assert iend[i] - istart[i] <= 5
     want = set()
     b, s, hkv, top_k = idx.shape
@@ -80,7 +87,7 @@ def test_inverse_index_lists_every_selecting_token_once_per_block():
             for h in range(hkv):
                 for blk in idx[bb, t, h].tolist():
                     if blk >= 0:
-                        want.add(((bb * hkv + h) * nb + blk, t))
+                        want.add((bb * hkv + h, blk, t))
     assert got == want
 
 

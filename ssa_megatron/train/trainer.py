@@ -42,6 +42,7 @@ class Trainer:
 
     def __init__(self, cfg: RunConfig, build_data=build_training_data):
         """``build_data(cfg, ctx) -> TrainingData`` (tests pass one that serves in-memory data)."""
+        self.config = transformer_config(cfg)  # validates the model against Megatron before any group exists
         self.ctx = distributed.initialize(cfg)
         self.data: TrainingData = build_data(cfg, self.ctx)
         if cfg.model.vocab_size is None:
@@ -53,8 +54,6 @@ class Trainer:
             )
         self.cfg = cfg
         self.num_microbatches = cfg.train.global_batch_size // (cfg.train.micro_batch_size * self.ctx.dp_size)
-
-        self.config = transformer_config(cfg)
         self.step_state = SSAStepState(cfg.ssa, cfg.model.num_layers, tp_size=self.ctx.tp_size)
         chunks = [c.to(self.ctx.device) for c in build_model_chunks(cfg, self.config, self.step_state, cfg.model.vocab_size)]
         ddp_config = DistributedDataParallelConfig(

@@ -31,12 +31,16 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--layout", default="{}")
     parser.add_argument("--train", default="{}")
+    parser.add_argument("--model", default="{}")
+    parser.add_argument("--ssa", default="{}")
     parser.add_argument("--steps", type=int, default=3)
     parser.add_argument("--init", required=True, help="full initial weights; written if absent (1 process)")
     parser.add_argument("--out", required=True)
     args = parser.parse_args()
 
-    cfg = tiny_config(parallel=json.loads(args.layout), train=json.loads(args.train))
+    cfg = tiny_config(
+        model=json.loads(args.model), ssa=json.loads(args.ssa), parallel=json.loads(args.layout), train=json.loads(args.train)
+    )
     trainer = Trainer(cfg, in_memory_data(vocab_size=256))
     if os.path.exists(args.init):
         load_full_state(trainer.model, torch.load(args.init))

@@ -35,7 +35,8 @@ def main(argv=None) -> int:
     p.add_argument("--backend", default="hf", choices=["hf", "gigatoken"])
     p.add_argument("--allow-inexact", action="store_true",
                    help="run --backend gigatoken even if it disagrees with the HF tokenizer on the sample")
-    p.add_argument("--shard-size", type=parse_size, default="256M", help="input bytes per shard")
+    p.add_argument("--shard-size", type=parse_size, default=None,
+                   help="input bytes per shard, e.g. 256M (default: ~4 shards per worker, 1M-256M)")
     p.add_argument("--strict", action="store_true", help="fail on malformed records instead of skipping")
     p.add_argument("--task-index", type=int, default=0)
     p.add_argument("--task-count", type=int, default=1)

@@ -39,6 +39,7 @@ from ssa_megatron.data.tokenizer import load_tokenizer
 
 log = logging.getLogger(__name__)
 PLAN_VERSION = 1
+SAMPLE_CHARS = 4096  # characters of each sampled document compared hf vs fast backend
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -56,8 +57,8 @@ class PreprocessConfig:
     dtype: str = "auto"  # token dtype: auto (uint16 below 65500 ids, else int32) | uint16 | int32
     backend: str = "hf"  # hf (exact) | gigatoken (fast, checked against hf first)
     allow_inexact: bool = False  # run gigatoken even if it disagrees with hf on the sample
-    exactness_sample: int = 2000  # documents compared hf vs gigatoken before running
-    shard_size: int = 256 << 20  # input bytes per shard
+    exactness_sample: int = 1000  # documents compared hf vs gigatoken before running
+    shard_size: int | None = None  # input bytes per shard; None: auto (see auto_shard_size)
     batch_size: int = 4 << 20  # text bytes per encode batch
     strict: bool = False  # malformed records fail instead of being counted and skipped
     task_index: int = 0  # this SLURM array task; it takes shards i with i % task_count == index
@@ -84,6 +85,14 @@ class PreprocessConfig:
         return ("text",) if fmt_is_text else self.json_keys
 
 
+MIN_SHARD, MAX_SHARD = 1 << 20, 256 << 20
+
+
+def auto_shard_size(total_bytes: int, parallelism: int) -> int:
+    """About four shards per worker (load balance), 1 MiB to 256 MiB each."""
+    return max(MIN_SHARD, min(MAX_SHARD, -(-total_bytes // (4 * parallelism))))
+
+
 def output_prefix_for(output_prefix: str, key: str) -> str:
     """Megatron-LM's name for a preprocessed key: ``<prefix>_<key>_document``."""
     return f"{output_prefix}_{key}_document"
@@ -97,10 +106,11 @@ class ShardStats:
     bytes_out: int = 0
     malformed: int = 0
     empty: int = 0
+    fallbacks: int = 0  # documents the fast backend left to hf (see GigatokenEncoder)
     examples: list[str] = field(default_factory=list)
 
     def add(self, other: "ShardStats") -> None:
-        for name in ("documents", "tokens", "bytes_in", "bytes_out", "malformed", "empty"):
+        for name in ("documents", "tokens", "bytes_in", "bytes_out", "malformed", "empty", "fallbacks"):
             setattr(self, name, getattr(self, name) + getattr(other, name))
         self.examples.extend(other.examples[: max(0, 5 - len(self.examples))])
 
@@ -155,6 +165,7 @@ def process_shard(job: Job, encoder, report) -> ShardStats:
     writers = [IndexedWriter(shard_prefix(job.shards_dir, k, index), np.dtype(job.dtype)) for k in job.keys]
     stats, read = ShardStats(), ReadStats()
     batch: list[tuple[str, ...]] = []
+    fallbacks_before = encoder.fallbacks
 
     def flush() -> None:
         if not batch:
@@ -195,6 +206,7 @@ def process_shard(job: Job, encoder, report) -> ShardStats:
         raise
     stats.bytes_out = sum(w.num_tokens * w.dtype.itemsize for w in writers)
     stats.malformed, stats.examples = read.malformed, read.examples
+    stats.fallbacks = encoder.fallbacks - fallbacks_before
     _atomic_write_json(done_marker(job.shards_dir, index), asdict(stats))
     return stats
 
@@ -274,6 +286,7 @@ class Summary:
     shards_skipped: int
     malformed: int
     empty: int
+    fallbacks: int
     dtype: str
     backend: str
     mismatched: int | None  # gigatoken vs hf on the sample; None for the hf backend
@@ -292,21 +305,36 @@ class Summary:
                  f"{self.malformed} malformed and {self.empty} empty records skipped"]
         if self.mismatched is not None:
             parts.append(f"{self.backend} vs hf: {self.mismatched}/{self.sampled} sampled documents differ "
-                         f"({100 * self.mismatched / max(self.sampled, 1):.3f}%)")
+                         f"({100 * self.mismatched / max(self.sampled, 1):.3f}%), {self.fallbacks} documents "
+                         "with code points unknown to Python's Unicode database encoded by hf")
         return "preprocess: " + ", ".join(parts)
 
 
-def _settings(config: PreprocessConfig, tokenizer, dtype: np.dtype, keys) -> dict:
+def _plan_path(config: PreprocessConfig) -> str:
+    return os.path.join(config.shards_dir, "plan.json")
+
+
+def _shard_size(config: PreprocessConfig, files) -> int:
+    """The explicit size, else an existing plan's (a restart keeps its shards), else automatic."""
+    if config.shard_size is not None:
+        return config.shard_size
+    if os.path.isfile(_plan_path(config)):
+        with open(_plan_path(config)) as f:
+            return json.load(f)["settings"]["shard_size"]
+    return auto_shard_size(sum(f.size for f in files), config.workers * config.task_count)
+
+
+def _settings(config: PreprocessConfig, tokenizer, dtype: np.dtype, keys, shard_size: int) -> dict:
     return {"version": PLAN_VERSION, "tokenizer_sha256": tokenizer.fingerprint, "dtype": dtype.name,
             "keys": list(keys), "append_eod": config.append_eod, "backend": config.backend,
             "text_separator": config.text_separator, "input_format": config.input_format,
-            "shard_size": config.shard_size}
+            "shard_size": shard_size}
 
 
 def _load_or_write_plan(config: PreprocessConfig, settings: dict, shards: list[Shard]) -> None:
     """Persist the plan; on restart refuse to mix shards of different inputs or settings."""
     os.makedirs(config.shards_dir, exist_ok=True)
-    path = os.path.join(config.shards_dir, "plan.json")
+    path = _plan_path(config)
     plan = {"settings": settings, "shards": [s.to_json() for s in shards]}
     if os.path.exists(path):
         with open(path) as f:
@@ -321,7 +349,8 @@ def _load_or_write_plan(config: PreprocessConfig, settings: dict, shards: list[S
 
 
 def _sample_texts(shards: list[Shard], keys, config: PreprocessConfig) -> list[str]:
-    """Up to ``exactness_sample`` texts from the starts of up to 16 evenly spaced shards."""
+    """Up to ``exactness_sample`` texts from the starts of up to 16 evenly spaced shards, each
+    cut to its first ``SAMPLE_CHARS`` characters so the check stays about a second long."""
     picked = shards[:: max(1, len(shards) // 16)][:16]
     per_shard = max(1, config.exactness_sample // len(picked))
     texts: list[str] = []
@@ -329,7 +358,7 @@ def _sample_texts(shards: list[Shard], keys, config: PreprocessConfig) -> list[s
         taken, stats = 0, ReadStats()
         for piece in shard.pieces:
             for doc in iter_documents(piece, keys, stats, text_separator=config.text_separator):
-                texts.extend(t for t in doc if t)
+                texts.extend(t[:SAMPLE_CHARS] for t in doc if t)
                 taken += 1
                 if taken >= per_shard:
                     break
@@ -416,8 +445,9 @@ def run_preprocess(config: PreprocessConfig) -> Summary:
     tokenizer = load_tokenizer(config.tokenizer)
     dtype = token_dtype(tokenizer.vocab_size, config.dtype)
     keys = config.keys(all(f.format == "text" for f in files))
-    shards = plan_shards(files, config.shard_size, splittable_text=config.text_separator is not None)
-    settings = _settings(config, tokenizer, dtype, keys)
+    shard_size = _shard_size(config, files)
+    shards = plan_shards(files, shard_size, splittable_text=config.text_separator is not None)
+    settings = _settings(config, tokenizer, dtype, keys, shard_size)
     _load_or_write_plan(config, settings, shards)
     mismatched = sampled = None
     if config.backend != "hf":
@@ -456,5 +486,5 @@ def run_preprocess(config: PreprocessConfig) -> Summary:
     return Summary(documents=total.documents, tokens=total.tokens, bytes_out=total.bytes_out,
                    bytes_in=total.bytes_in, seconds=time.perf_counter() - start,
                    shards_total=len(shards), shards_run=len(todo), shards_skipped=len(mine) - len(todo),
-                   malformed=total.malformed, empty=total.empty, dtype=dtype.name,
+                   malformed=total.malformed, empty=total.empty, fallbacks=total.fallbacks, dtype=dtype.name,
                    backend=config.backend, mismatched=mismatched, sampled=sampled, outputs=outputs)

@@ -11,12 +11,14 @@ from __future__ import annotations
 import gzip
 import io
 import json
+import re
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 
 from ssa_megatron.data.inputs import InputFile, Piece, file_pieces
 
 CHUNK = 1 << 22  # bytes read at a time from an input file
+_SURROGATE = re.compile("[\ud800-\udfff]")
 MAX_EXAMPLES = 5  # malformed records described per reader (all are counted)
 
 
@@ -142,6 +144,10 @@ def _jsonl_documents(piece: Piece, keys: tuple[str, ...], stats: ReadStats,
         if not all(isinstance(t, str) for t in texts):
             _malformed(stats, strict, lambda: f"{piece.path}:{_line_number(piece, offset)}",
                        f"the value of {keys} is not a string")
+            continue
+        if any(not t.isascii() and _SURROGATE.search(t) for t in texts):  # JSON "\ud800" escapes
+            _malformed(stats, strict, lambda: f"{piece.path}:{_line_number(piece, offset)}",
+                       "text holds a lone UTF-16 surrogate (invalid Unicode, no tokenizer accepts it)")
             continue
         yield texts
 

@@ -201,15 +201,15 @@ def time_ours(b: int, s: int, block_size: int, top_k: int, breakdown: bool) -> d
             o, lse = sparse_mod.sparse_attention_fwd(qd, kd, v.detach(), idx, block_size)
             dq, delta = sparse_mod.sparse_attention_bwd_dq(qd, kd, v.detach(), idx, o, lse, do, block_size)
             r["bwd_dq_ms"] = bench_ms(lambda: sparse_mod.sparse_attention_bwd_dq(qd, kd, v.detach(), idx, o, lse, do, block_size))
-            # dK/dV with the inverse index's token ranges: default (L2-sized), none, and 4x smaller
-            rt0 = sparse_mod.range_tokens_for(HQ, HKV, D)
-            for tag, rt in (("", rt0), ("_no_ranges", 0), ("_quarter_ranges", rt0 // 4)):
-                inv = sparse_mod.build_inverse_index(idx, s, block_size, range_tokens=rt)
-                r[f"bwd_index{tag}_ms"] = bench_ms(lambda: sparse_mod.build_inverse_index(idx, s, block_size, range_tokens=rt))
+            # dK/dV work-item size and token ranges of the inverse index: default, then variants
+            for tag, chunk, rt in (("", sparse_mod.ITEM_TOKENS, sparse_mod.RANGE_TOKENS), ("_chunk256", 256, 0),
+                                   ("_chunk64", 64, 0), ("_ranges2k", sparse_mod.ITEM_TOKENS, 2048)):
+                inv = sparse_mod.build_inverse_index(idx, s, block_size, chunk=chunk, range_tokens=rt)
+                r[f"bwd_index{tag}_ms"] = bench_ms(
+                    lambda: sparse_mod.build_inverse_index(idx, s, block_size, chunk=chunk, range_tokens=rt))
                 r[f"bwd_dkdv{tag}_ms"] = bench_ms(
                     lambda: sparse_mod.sparse_attention_bwd_dkdv(qd, kd, v.detach(), do, lse, delta, inv, block_size)
                 )
-            r["range_tokens"] = rt0
             if select_mod.SPLIT_SCORES:
                 select_mod.SPLIT_SCORES = False
                 try:
@@ -221,8 +221,9 @@ def time_ours(b: int, s: int, block_size: int, top_k: int, breakdown: bool) -> d
         f"({r['fwd_tflops']:.0f} TF/s)  fwd+bwd {r['fwd_bwd_ms']:.3f} ({r['fwd_bwd_tflops']:.0f} TF/s)  "
         f"peak {r['fwd_bwd_peak_mib']:.0f} MiB"
         + (f"  [dq {r['bwd_dq_ms']:.3f} index {r['bwd_index_ms']:.3f} dkdv {r['bwd_dkdv_ms']:.3f} "
-           f"(no ranges {r['bwd_dkdv_no_ranges_ms']:.3f}, quarter {r['bwd_dkdv_quarter_ranges_ms']:.3f}) "
-           f"select-1dot {r.get('select_single_dot_ms', float('nan')):.3f}]" if breakdown else ""))
+           f"(chunk256 {r['bwd_dkdv_chunk256_ms']:.3f}, chunk64 {r['bwd_dkdv_chunk64_ms']:.3f}, ranges2k "
+           f"{r['bwd_dkdv_ranges2k_ms']:.3f}) select-1dot {r.get('select_single_dot_ms', float('nan')):.3f}]"
+           if breakdown else ""))
     return r
 
 
@@ -319,6 +320,41 @@ def time_ssa_layer(b: int, s: int, block_size: int, top_k: int, backend) -> dict
         f"{r['dense_fwd_bwd_ms']:.3f} ms -> {r['ratio']:.3f}x  (align triton {r['align_triton_fwd_bwd_ms']:.3f} "
         f"/ torch {r['align_torch_fwd_bwd_ms']:.3f} ms)")
     return r
+
+
+def profile_layer(b: int, s: int, block_size: int, top_k: int, backend) -> dict:
+    """CUDA time per kernel of one SSA layer fwd+bwd (torch.profiler), and CPU vs GPU wall."""
+    from torch.nn.attention import sdpa_kernel
+    from torch.profiler import ProfilerActivity, profile
+
+    q, k, v = make_qkv(b, s, seed=3, requires_grad=True)
+    do = torch.randn(b, s, HQ, D, device=DEV, dtype=DTYPE)
+    one = torch.ones((), device=DEV)
+
+    def layer():
+        o_full = sdpa(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)).transpose(1, 2)
+        idx = ssa_kernels.select_blocks(q.detach(), k.detach(), block_size, top_k)
+        o_sparse = ssa_kernels.sparse_attention(q, k, v, idx, block_size)
+        loss = ssa_kernels.alignment_loss(o_full, o_sparse)
+        torch.autograd.backward([o_full, loss], [do, one])
+        q.grad = k.grad = v.grad = None
+
+    with sdpa_kernel([backend]):
+        for _ in range(3):
+            layer()
+        torch.cuda.synchronize()
+        with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+            for _ in range(5):
+                layer()
+            torch.cuda.synchronize()
+    table = prof.key_averages().table(sort_by="cuda_time_total", row_limit=30)
+    log(table)
+    rows = {}
+    for e in prof.key_averages():
+        t = getattr(e, "device_time_total", getattr(e, "cuda_time_total", 0))
+        if t:
+            rows[e.key[:120]] = {"cuda_us_per_iter": t / 5, "calls_per_iter": e.count / 5}
+    return {"kernels": dict(sorted(rows.items(), key=lambda kv: -kv[1]["cuda_us_per_iter"])[:40])}
 
 
 # ----------------------------------------------------------------------------- correctness
@@ -452,12 +488,12 @@ def markdown(res: dict) -> str:
     if bd:
         lines += ["", "### Breakdown of ours (ms)", "",
                   "| seq x batch | block-top-k | select (2 dots) | select (1 dot) | fwd | bwd dq | bwd inverse index | "
-                  "bwd dk/dv | dk/dv, no token ranges | dk/dv, ranges / 4 |",
-                  "|---|---|---|---|---|---|---|---|---|---|"]
+                  "bwd dk/dv | dk/dv, 256-token items | dk/dv, 64-token items | dk/dv, 2k-token ranges |",
+                  "|---|---|---|---|---|---|---|---|---|---|---|"]
         for s, c, r in bd:
             lines.append(f"| {s} | {c} | {r['select_ms']:.3f} | {r.get('select_single_dot_ms', float('nan')):.3f} | "
                          f"{r['fwd_ms']:.3f} | {r['bwd_dq_ms']:.3f} | {r['bwd_index_ms']:.3f} | {r['bwd_dkdv_ms']:.3f} | "
-                         f"{r['bwd_dkdv_no_ranges_ms']:.3f} | {r['bwd_dkdv_quarter_ranges_ms']:.3f} |")
+                         f"{r['bwd_dkdv_chunk256_ms']:.3f} | {r['bwd_dkdv_chunk64_ms']:.3f} | {r['bwd_dkdv_ranges2k_ms']:.3f} |")
     if res.get("layer"):
         lines += ["", "## One SSA training layer's attention at 8k (fwd+bwd)", "",
                   "| block | top-k | SSA layer ms | dense SDPA ms | ratio | align triton / torch ms | peak MiB |",
@@ -518,7 +554,7 @@ def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--out", default=os.path.join(ROOT, "docs", "benchmarks"))
     ap.add_argument("--seqs", default="8192,32768,131072")
-    ap.add_argument("--sections", default="check,time,layer,flex")
+    ap.add_argument("--sections", default="check,time,layer,profile,flex")
     ap.add_argument("--flex", default="8192:16-16,8192:64-16,32768:16-16", help="seq:bs-topk list for FlexAttention")
     ap.add_argument("--budget-s", type=float, default=480, help="skip remaining timed sections past this wall time")
     ap.add_argument("--prewarm", type=int, default=4, help="parallel compile processes (0: none)")
@@ -586,9 +622,14 @@ def main():
         log("== layer")
         res["layer"] = {}
         dense = res.get("time", {}).get(f"8192x{batch_for(8192)}", {}).get("dense", {})
-        backend = sdpa_backends()[dense.get("best", "flash")]
+        backend = sdpa_backends()[dense.get("best", "cudnn")]
         for bs, k in CONFIGS:
             guarded(res["layer"], f"{bs}-{k}", time_ssa_layer, batch_for(8192), 8192, bs, k, backend)
+    if "profile" in sections:
+        log("== profile")
+        dense = res.get("time", {}).get(f"8192x{batch_for(8192)}", {}).get("dense", {})
+        backend = sdpa_backends()[dense.get("best", "cudnn")]
+        guarded(res, "profile_layer_8k_bs16_k16", profile_layer, batch_for(8192), 8192, 16, 16, backend)
     if "flex" in sections:
         log("== flex")
         for item in args.flex.split(","):

@@ -14,6 +14,7 @@ imported (tests). ``INTERPRET`` says which mode the kernels were built in.
 from ssa_kernels._utils import INTERPRET
 from ssa_kernels.align import alignment_loss
 from ssa_kernels.select import select_blocks
-from ssa_kernels.sparse import build_inverse_index, sparse_attention
+from ssa_kernels.inverse import build_inverse_index
+from ssa_kernels.sparse import sparse_attention
 
 __all__ = ["INTERPRET", "alignment_loss", "build_inverse_index", "select_blocks", "sparse_attention"]

@@ -51,8 +51,58 @@ ROWS = 128
 # Scores as q . hi + q . lo (float32-grade, two tensor-core dots) rather than q . bf16(k_cmp)
 # (one dot, ~4e-3 relative error on k_cmp): the spec computes importance in float32.
 SPLIT_SCORES = True
-# Sentinel of the carried top-k's padding slots (jit code reads only constexpr globals).
-I64_MAX: tl.constexpr = tl.constexpr(9223372036854775807)
+
+
+@triton.jit
+def _compare_swap(x, R: tl.constexpr, N: tl.constexpr, J: tl.constexpr, I: tl.constexpr, ALT: tl.constexpr, DESC: tl.constexpr):
+    """One bitonic compare-exchange of ``x [R, N]`` along its last dim, partners ``2**J`` apart.
+
+    Order within each pair: ascending, reversed where bit ``I`` of the index is set (``ALT``: the
+    alternating blocks of a bitonic sort's stage ``I``), then reversed again if ``DESC``.
+    """
+    A: tl.constexpr = N // (2 << J)
+    C: tl.constexpr = 1 << J
+    # [R, A, 2, C]: the pair is the size-2 axis
+    y = tl.reshape(x, [R, A, 2, C])
+    lo = tl.min(y, 2, keep_dims=True)
+    hi = tl.max(y, 2, keep_dims=True)
+    o_p = tl.arange(0, 2)[None, None, :, None]
+    if ALT:
+        o_a = tl.arange(0, A)[None, :, None, None]
+        m_desc = ((o_a >> (I - J - 1)) & 1) == 1
+        m_hi = (o_p == 1) != (m_desc != DESC)
+    else:
+        m_hi = (o_p == 1) != DESC
+    y = tl.where(m_hi, hi, lo)
+    return tl.reshape(y, [R, N])
+
+
+@triton.jit
+def _bitonic_sort(x, R: tl.constexpr, N: tl.constexpr):
+    """Sort ``x [R, N]`` ascending along its last dim (N a power of two <= 256)."""
+    for i in tl.static_range(1, 9):
+        if (1 << i) <= N:
+            for jj in tl.static_range(i):
+                x = _compare_swap(x, R, N, i - 1 - jj, i, (1 << i) < N, False)
+    return x
+
+
+@triton.jit
+def _top_k_merge(b_top, b_key, BT: tl.constexpr, NC: tl.constexpr, KP: tl.constexpr, LOG_KP: tl.constexpr):
+    """Best ``KP`` of ``b_top [BT, KP]`` (descending) and ``b_key [BT, NC]``, descending.
+
+    Bitonic: sort the chunk ascending, take its last ``KP`` (its best, ascending); the elementwise
+    max of a descending and an ascending sequence holds the best ``KP`` of their union as a bitonic
+    sequence, which ``LOG_KP`` merge stages sort.
+    """
+    b_key = _bitonic_sort(b_key, BT, NC)
+    if NC > KP:
+        o_g = tl.arange(0, NC // KP)[None, :, None]
+        b_key = tl.max(tl.where(o_g == NC // KP - 1, tl.reshape(b_key, [BT, NC // KP, KP]), -1), 1)
+    b_top = tl.maximum(b_top, b_key)
+    for jj in tl.static_range(LOG_KP):
+        b_top = _compare_swap(b_top, BT, KP, LOG_KP - 1 - jj, 0, False, True)
+    return b_top
 
 
 @triton.autotune(
@@ -87,6 +137,7 @@ def select_blocks_kernel(
     BS: tl.constexpr,
     BT: tl.constexpr,
     KP: tl.constexpr,
+    LOG_KP: tl.constexpr,
     SPLIT: tl.constexpr,
     PREC: tl.constexpr,
     BC: tl.constexpr,
@@ -140,21 +191,23 @@ def select_blocks_kernel(
     b_lse = tl.where(b_l > 0, b_m + tl.log2(tl.where(b_l > 0, b_l, 1.0)), float("inf"))
 
     # ---- pass 2: importance summed over the group, exact streaming top-k ----
+    # chunk width of pass 2: BC blocks, at least KP (the merge takes the chunk's best KP)
+    NC: tl.constexpr = BC * ((KP + BC - 1) // BC)
+    o_nc = tl.arange(0, NC)
     o_t = i_t * BT + tl.arange(0, BT)
     m_t = o_t < T
-    o_kp = tl.arange(0, KP)
-    # [BT, KP] carried best keys; padding slots hold I64_MAX so they are never the minimum
+    # [BT, KP] carried best keys, descending; -1 = nothing yet
     b_top = tl.full([BT, KP], -1, dtype=tl.int64)
-    b_top = tl.where(o_kp[None, :] < K1, b_top, I64_MAX)
     n_ear = t_last // BS
-    n_chunk = tl.cdiv(n_ear, BC)
+    n_chunk = tl.cdiv(n_ear, NC)
     for i_c in range(n_chunk):
-        c0 = (n_chunk - 1 - i_c) * BC
-        o_j = c0 + o_c
+        # from the diagonal backwards
+        o_j = (n_chunk - 1 - i_c) * NC + o_nc
         m_j = o_j < n_ear
         p_hi = kc_hi + p_kc + o_j[:, None] * D + o_d[None, :]
+        # [NC, D]
         b_kh = tl.load(p_hi, mask=m_j[:, None], other=0.0)
-        # [M, BC]
+        # [M, NC]
         b_s = tl.dot(b_q, tl.trans(b_kh), input_precision=PREC)
         if SPLIT:
             b_kl = tl.load(kc_lo + p_kc + o_j[:, None] * D + o_d[None, :], mask=m_j[:, None], other=0.0)
@@ -162,33 +215,22 @@ def select_blocks_kernel(
         b_s = b_s * scale2
         m_e = (o_j[None, :] < (o_tok // BS)[:, None]) & m_r[:, None]
         b_p = tl.where(m_e, tl.exp2(b_s - b_lse[:, None]), 0.0)
-        # [BT, BC] importance: sum over the group's heads
-        b_imp = tl.sum(tl.reshape(b_p, [BT, GP, BC]), 1)
+        # [BT, NC] importance: sum over the group's heads
+        b_imp = tl.sum(tl.reshape(b_p, [BT, GP, NC]), 1)
         m_te = (o_j[None, :] < (o_t // BS)[:, None]) & m_t[:, None]
         b_key = (b_imp.to(tl.int32, bitcast=True).to(tl.int64) << 32) | o_j[None, :].to(tl.int64)
         b_key = tl.where(m_te, b_key, -1)
-        # insert the chunk's keys above the carried minimum, largest first
+        # merge only when some key of the chunk beats a row's carried minimum
         b_thr = tl.min(b_top, 1)
-        b_cnt = tl.sum((b_key > b_thr[:, None]).to(tl.int32), 1)
-        n_ins = tl.max(tl.minimum(b_cnt, K1))
-        for _ in range(n_ins):
-            b_cmax = tl.max(b_key, 1)
-            b_cmin = tl.min(b_top, 1)
-            m_ins = b_cmax > b_cmin
-            # first slot holding the minimum
-            b_pos = tl.min(tl.where(b_top == b_cmin[:, None], o_kp[None, :], KP), 1)
-            b_top = tl.where((o_kp[None, :] == b_pos[:, None]) & m_ins[:, None], b_cmax[:, None], b_top)
-            b_key = tl.where((b_key == b_cmax[:, None]) & m_ins[:, None], -1, b_key)
+        if tl.max(tl.sum((b_key > b_thr[:, None]).to(tl.int32), 1)) > 0:
+            b_top = _top_k_merge(b_top, b_key, BT, NC, KP, LOG_KP)
 
     # ---- output: own block, then the carried keys by descending importance ----
     p_idx = idx + ((i_b * T + o_t).to(tl.int64) * HKV + i_h) * TOPK
     tl.store(p_idx, (o_t // BS).to(tl.int64), mask=m_t)
-    b_top = tl.where(b_top == I64_MAX, -1, b_top)
-    for i in range(K1):
-        b_best = tl.max(b_top, 1)
-        b_blk = tl.where(b_best >= 0, b_best.to(tl.int32).to(tl.int64), -1)
-        tl.store(p_idx + 1 + i, b_blk, mask=m_t)
-        b_top = tl.where(b_top == b_best[:, None], -1, b_top)
+    o_kp = tl.arange(0, KP)
+    b_blk = tl.where(b_top >= 0, b_top.to(tl.int32).to(tl.int64), -1)
+    tl.store(p_idx[:, None] + 1 + o_kp[None, :], b_blk, mask=m_t[:, None] & (o_kp[None, :] < K1))
 
 
 def mean_pool_blocks(k: torch.Tensor, block_size: int) -> torch.Tensor:
@@ -244,6 +286,7 @@ def select_blocks_fwd(q: torch.Tensor, k: torch.Tensor, block_size: int, top_k: 
         BS=block_size,
         BT=bt,
         KP=kp,
+        LOG_KP=kp.bit_length() - 1,
         SPLIT=split,
         PREC=dot_precision(q.dtype),
     )

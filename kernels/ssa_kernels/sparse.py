@@ -39,11 +39,12 @@ from ssa_kernels._utils import (
     next_pow2,
     softmax_scale,
 )
+from ssa_kernels.inverse import ITEM_TOKENS, build_inverse_index  # noqa: F401 (ITEM_TOKENS: benchmark)
 
-# Tokens per dK/dV work item (a key block's selecting tokens are cut into items of this many).
-ITEM_TOKENS = 128
-# Bytes of one KV head's q + dO rows per token range of the inverse index (L2 is 50 MB on H100).
-RANGE_BYTES = 8 << 20
+# Token ranges of the inverse index (0: none). Measured on the H100 (docs/kernels.md): binning
+# the selecting tokens by 2k-token ranges to keep q/dO rows in L2 did not pay (more, smaller work
+# items and atomics), so the default is one range.
+RANGE_TOKENS = 0
 
 
 _TOKEN_MAJOR_CONFIGS = configs(
@@ -228,6 +229,7 @@ def sparse_bwd_dkdv_kernel(
     item_bin,
     item_start,
     item_end,
+    n_items,
     dk,
     dv,
     T,
@@ -263,7 +265,8 @@ def sparse_bwd_dkdv_kernel(
     i_item = tl.program_id(0)
     i_bin = tl.load(item_bin + i_item)
     i_start = tl.load(item_start + i_item)
-    i_end = tl.load(item_end + i_item)
+    # items past the true count (the grid is a static upper bound) are empty
+    i_end = tl.where(i_item < tl.load(n_items), tl.load(item_end + i_item), i_start)
     i_bh, i_j = i_bin // (NB * NR), i_bin % NB
     i_b, i_h = i_bh // HKV, i_bh % HKV
 
@@ -311,49 +314,6 @@ def sparse_bwd_dkdv_kernel(
     o_w = ((i_b * T + o_key).to(tl.int64) * HKV + i_h)[:, None] * D + o_d[None, :]
     tl.atomic_add(dk + o_w, b_dk, mask=m_s[:, None], sem="relaxed")
     tl.atomic_add(dv + o_w, b_dv, mask=m_s[:, None], sem="relaxed")
-
-
-def range_tokens_for(hq: int, hkv: int, d: int) -> int:
-    """Tokens per range of the inverse index: one KV head's q + dO rows of a range ~ RANGE_BYTES."""
-    per_token = (hq // hkv) * d * 2 * 2  # g heads x d x (q, dO) x 2 bytes
-    return max(256, next_pow2(RANGE_BYTES // per_token))
-
-
-def build_inverse_index(idx: torch.Tensor, seq_len: int, block_size: int, chunk: int = ITEM_TOKENS, range_tokens: int = 0):
-    """Key-block-major view of a selection, as dK/dV work items. No host sync.
-
-    idx ``[B, T, HKV, K]`` -> ``(tok, item_bin, item_start, item_end, n_ranges)``: ``tok`` lists,
-    bin after bin, the tokens that selected a block, ascending. Bins are ordered by (batch x KV
-    head, token range, block): bin = ((b * HKV + h) * n_ranges + t // range_tokens) * NB + block,
-    so the items the GPU runs at the same time read the q/dO rows of one token range (sized to stay
-    in L2) rather than of the whole sequence; ``range_tokens=0`` means one range. Item ``i`` covers
-    ``tok[item_start[i]:item_end[i]]`` (at most ``chunk`` tokens) of bin ``item_bin[i]``. The item
-    count is a static upper bound ``cdiv(B*T*HKV*K, chunk) + bins``; surplus items are empty.
-    """
-    b, t, hkv, top_k = idx.shape
-    dev = idx.device
-    nb = cdiv(seq_len, block_size)
-    rt = range_tokens if 0 < range_tokens < t else t
-    n_ranges = cdiv(t, rt)
-    nbins = b * hkv * n_ranges * nb
-    # [B*HKV, T, K] block per (token, slot) -> bin; invalid slots -> bin nbins
-    blk = idx.permute(0, 2, 1, 3).reshape(b * hkv, t, top_k)
-    rng = (torch.arange(t, device=dev) // rt)[None, :, None]
-    base = (torch.arange(b * hkv, device=dev) * n_ranges)[:, None, None]
-    key = torch.where((blk >= 0) & (blk < nb), (base + rng) * nb + blk, nbins).to(torch.int32).flatten()
-    skey, order = torch.sort(key, stable=True)
-    tok = ((order % (t * top_k)) // top_k).to(torch.int32)
-    bounds = torch.searchsorted(skey, torch.arange(nbins + 1, device=dev, dtype=torch.int32))
-    starts, counts = bounds[:-1], bounds[1:] - bounds[:-1]
-    n_items = (counts + chunk - 1) // chunk
-    items_end = torch.cumsum(n_items, 0)
-    n_ub = cdiv(key.numel(), chunk) + nbins
-    items = torch.arange(n_ub, device=dev)
-    ibin = torch.searchsorted(items_end, items, right=True).clamp_(max=nbins - 1)
-    istart = starts[ibin] + (items - (items_end[ibin] - n_items[ibin])) * chunk
-    iend = torch.minimum(istart + chunk, starts[ibin] + counts[ibin])
-    iend = torch.where(items < items_end[-1], iend, istart)
-    return tok, ibin.to(torch.int32), istart.to(torch.int32), iend.to(torch.int32), n_ranges
 
 
 def _strides(t: torch.Tensor):
@@ -434,7 +394,7 @@ def sparse_attention_bwd_dkdv(q, k, v, do, lse, delta, inverse, block_size):
     hkv = k.shape[2]
     g = hq // hkv
     scale = softmax_scale(d)
-    tok, ibin, istart, iend, n_ranges = inverse
+    tok, ibin, istart, iend, n_items, n_ranges = inverse
     dk = torch.zeros(b, t, hkv, d, dtype=torch.float32, device=q.device)
     dv = torch.zeros(b, t, hkv, d, dtype=torch.float32, device=q.device)
     sparse_bwd_dkdv_kernel[(ibin.numel(),)](
@@ -448,6 +408,7 @@ def sparse_attention_bwd_dkdv(q, k, v, do, lse, delta, inverse, block_size):
         ibin,
         istart,
         iend,
+        n_items,
         dk,
         dv,
         t,
@@ -474,7 +435,7 @@ def sparse_attention_bwd_dkdv(q, k, v, do, lse, delta, inverse, block_size):
 def sparse_attention_bwd(q, k, v, idx, o, lse, do, block_size):
     """Launcher: dq via the token-major kernel, dk/dv via the key-block-major one."""
     dq, delta = sparse_attention_bwd_dq(q, k, v, idx, o, lse, do, block_size)
-    inverse = build_inverse_index(idx, q.shape[1], block_size, range_tokens=range_tokens_for(q.shape[2], k.shape[2], q.shape[3]))
+    inverse = build_inverse_index(idx, q.shape[1], block_size, range_tokens=RANGE_TOKENS)
     dk, dv = sparse_attention_bwd_dkdv(q, k, v, do, lse, delta, inverse, block_size)
     return dq, dk, dv
 

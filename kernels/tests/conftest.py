@@ -31,7 +31,14 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
 from kernel_cases import ON_GPU, interpreter_usable  # noqa: E402
 
-_MODULES = ("ssa_kernels._utils", "ssa_kernels.select", "ssa_kernels.sparse", "ssa_kernels.align", "ssa_kernels")
+_MODULES = (
+    "ssa_kernels._utils",
+    "ssa_kernels.select",
+    "ssa_kernels.inverse",
+    "ssa_kernels.sparse",
+    "ssa_kernels.align",
+    "ssa_kernels",
+)
 SUBPROCESS_TEST = "test_kernel_interpreter_process.py"
 
 

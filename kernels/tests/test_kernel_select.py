@@ -51,6 +51,20 @@ def test_select_blocks_matches_oracle_top_k(case: Case):
     assert_exact_top_k(idx, q, k, case.block_size, case.top_k, rtol=2e-4)
 
 
+@pytest.mark.parametrize(
+    "case",
+    [
+        pytest.param(Case(1, 300, 4, 2, 16, 16, 2, torch.float32), id="k2-one-slot"),
+        pytest.param(Case(1, 1100, 2, 1, 16, 16, 40, torch.float32), id="k40-carry-equals-chunk"),
+        pytest.param(Case(1, 1300, 4, 1, 16, 16, 70, torch.float16), id="k70-carry-wider-than-chunk"),
+    ],
+)
+def test_select_blocks_carried_top_k_widths(case: Case):
+    q, k, _ = case.inputs(seed=11)
+    idx = ssa_kernels.select_blocks(q, k, case.block_size, case.top_k)
+    assert_exact_top_k(idx, q, k, case.block_size, case.top_k, rtol=2e-4)
+
+
 def test_select_blocks_top_k_one_and_short_sequence_keep_own_block_only():
     case = Case(1, 40, 4, 2, 16, 16, 1, torch.float32)
     q, k, _ = case.inputs()

@@ -39,7 +39,7 @@ def test_sparse_attention_output_and_grads_match_oracle(case: Case):
 def test_sparse_attention_on_kernel_selection_with_int32_idx_strided_inputs_and_token_ranges(monkeypatch):
     from ssa_kernels import sparse as sparse_mod
 
-    monkeypatch.setattr(sparse_mod, "range_tokens_for", lambda *shape: 32)  # several ranges at seq 70
+    monkeypatch.setattr(sparse_mod, "RANGE_TOKENS", 32)  # several token ranges at seq 70
     case = Case(2, 70, 4, 2, 16, 16, 3, torch.float32)
     q, k, v = case.inputs(seed=6)
     # Megatron's [s, b, h, d] tensors seen as [b, s, h, d]: non-contiguous, head dim contiguous
@@ -68,11 +68,14 @@ def test_inverse_index_lists_every_selecting_token_once_per_block(range_tokens):
     case = Case(2, 90, 4, 2, 16, 16, 4, torch.float32)
     q, k, _ = case.inputs(seed=8)
     idx = reference.select_blocks(q, k, 16, 4)
-    tok, ibin, istart, iend, n_ranges = ssa_kernels.build_inverse_index(idx, 90, 16, chunk=5, range_tokens=range_tokens)
+    tok, ibin, istart, iend, n_items, n_ranges = ssa_kernels.build_inverse_index(
+        idx, 90, 16, chunk=5, range_tokens=range_tokens
+    )
     nb = -(-90 // 16)
     assert n_ranges == (1 if range_tokens == 0 else 3)
+    assert int(n_items[0]) <= ibin.numel()
     got = set()
-    for i in range(ibin.numel()):
+    for i in range(int(n_items[0])):
         bin_ = int(ibin[i])
         bh, r, blk = bin_ // (nb * n_ranges), (bin_ // nb) % n_ranges, bin_ % nb
         for t in tok[istart[i] : iend[i]].tolist():

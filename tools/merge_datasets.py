@@ -15,7 +15,7 @@ import argparse
 import sys
 
 from ssa_megatron.data.merge import merge_datasets
-from ssa_megatron.data.preprocess import merge_shards
+from ssa_megatron.data.shards import merge_shards
 
 
 def main(argv=None) -> int:

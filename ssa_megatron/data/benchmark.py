@@ -118,7 +118,8 @@ def _children_cpu() -> float:
 
 def _timed(cmd: list[str], env: dict | None = None) -> tuple[float, float, float, str]:
     """(wall seconds, CPU seconds, peak tree RSS MiB, stdout) of a command; RSS sampled every
-    20 ms; CPU time of every process it waited for (the pool workers included)."""
+    100 ms (sampling costs ~1% of a core); CPU time of every process it waited for (the pool
+    workers included)."""
     import psutil
 
     cpu_before = _children_cpu()
@@ -132,7 +133,7 @@ def _timed(cmd: list[str], env: dict | None = None) -> tuple[float, float, float
         except psutil.Error:
             rss = 0
         peak = max(peak, rss)
-        time.sleep(0.02)
+        time.sleep(0.1)
     out, err = proc.communicate()
     seconds = time.perf_counter() - start
     if proc.returncode != 0:
@@ -171,24 +172,34 @@ def measure_encode_only(tokenizer_json: str, corpus: str, method: str, runs: int
                        seconds, cpu, tokens, peak, "the harness holds the whole corpus in memory")
 
 
-def measure_preprocess(name: str, corpus: str, tokenizer_dir: str, workdir: str, backend: str, runs: int,
-                       extra: tuple[str, ...] = ()) -> Measurement:
+def measure_preprocess(name: str, corpus: str, tokenizer_dir: str, workdir: str, backend: str,
+                       runs: int) -> tuple[Measurement, str]:
+    """The measurement and the output prefix of the first run (kept for comparison)."""
     seconds, cpu, peak, tokens = [], [], 0.0, 0
+    kept = ""
     for i in range(runs):
-        out_prefix = os.path.join(workdir, f"{backend}-{i}")
+        out_prefix = os.path.join(workdir, f"{backend}-{os.path.basename(corpus)}-{i}")
+        shutil.rmtree(out_prefix + ".shards", ignore_errors=True)
         cmd = [sys.executable, "tools/preprocess_data.py", "--input", corpus, "--tokenizer", tokenizer_dir,
-               "--output-prefix", out_prefix, "--workers", "2", "--backend", backend, "--no-progress", *extra]
+               "--output-prefix", out_prefix, "--workers", "2", "--backend", backend, "--no-progress"]
         wall, cpu_seconds, rss, out = _timed(cmd)
         summary = next(line for line in out.splitlines() if line.startswith("preprocess:"))
         tokens = int(summary.split(" documents, ")[1].split(" tokens")[0].replace(",", ""))
         seconds.append(wall)
         cpu.append(cpu_seconds)
         peak = max(peak, rss)
-        for path in (out_prefix + "_text_document.bin", out_prefix + "_text_document.idx"):
-            os.unlink(path)
         shutil.rmtree(out_prefix + ".shards")
+        if i == 0:
+            kept = out_prefix + "_text_document"
+        else:
+            for ext in (".bin", ".idx"):
+                os.unlink(out_prefix + "_text_document" + ext)
     note = summary.split("skipped, ")[-1] if backend != "hf" else "tokens identical to HF by construction"
-    return Measurement(name, tokens / statistics.median(seconds), seconds, cpu, tokens, peak, note)
+    return Measurement(name, tokens / statistics.median(seconds), seconds, cpu, tokens, peak, note), kept
+
+
+def _same_files(a: str, b: str) -> bool:
+    return all(subprocess.run(["cmp", "-s", a + ext, b + ext]).returncode == 0 for ext in (".bin", ".idx"))
 
 
 def _versions() -> dict:
@@ -226,17 +237,19 @@ def run_benchmark(workdir: str, *, corpus_mb: int = 256, runs: int = 3, vocab_si
     build_corpus(quarter, (corpus_mb // 4) << 20)
     tokenizer_json = os.path.join(tokenizer_dir, "tokenizer.json")
     load_before = os.getloadavg()
-    measured = [
-        measure_encode_only(tokenizer_json, corpus, "encode_batch", runs),
-        measure_encode_only(tokenizer_json, corpus, "encode_batch_fast", runs),
-        measure_preprocess("ours, exact (--backend hf), 2 workers (whole process)", corpus, tokenizer_dir,
-                           workdir, "hf", runs),
-        measure_preprocess("ours, fast (--backend gigatoken), 2 workers (whole process)", corpus, tokenizer_dir,
-                           workdir, "gigatoken", runs),
-        measure_preprocess(f"ours, fast, on a quarter of the corpus ({corpus_mb // 4} MB)", quarter,
-                           tokenizer_dir, workdir, "gigatoken", runs),
-    ]
-    exact, fast = measured[2], measured[3]
+    encode_batch = measure_encode_only(tokenizer_json, corpus, "encode_batch", runs)
+    encode_batch_fast = measure_encode_only(tokenizer_json, corpus, "encode_batch_fast", runs)
+    exact, exact_out = measure_preprocess("ours, exact (--backend hf), 2 workers (whole process)", corpus,
+                                          tokenizer_dir, workdir, "hf", runs)
+    fast, fast_out = measure_preprocess("ours, fast (--backend gigatoken), 2 workers (whole process)", corpus,
+                                        tokenizer_dir, workdir, "gigatoken", runs)
+    small, small_out = measure_preprocess(f"ours, fast, on a quarter of the corpus ({corpus_mb // 4} MB)",
+                                          quarter, tokenizer_dir, workdir, "gigatoken", runs)
+    identical = _same_files(exact_out, fast_out)
+    for prefix in (exact_out, fast_out, small_out):
+        for ext in (".bin", ".idx"):
+            os.unlink(prefix + ext)
+    measured = [encode_batch, encode_batch_fast, exact, fast, small]
     load_after = os.getloadavg()
     return {
         "date": datetime.now(timezone.utc).strftime("%Y-%m-%d"),
@@ -248,6 +261,7 @@ def run_benchmark(workdir: str, *, corpus_mb: int = 256, runs: int = 3, vocab_si
         "load_average_1_5_15min": {"before": load_before, "after": load_after},
         "anchors_not_remeasured": [{"name": n, "tokens_per_second": v} for n, v in ANCHORS],
         "measured": [{**asdict(m), "tokens_per_cpu_second": m.tokens_per_cpu_second} for m in measured],
+        "fast_output_identical_to_exact": identical,
         "targets": {
             "exact_vs_megatron_classic": {"target": TARGET_EXACT, "measured": exact.tokens_per_second,
                                           "met": exact.tokens_per_second >= TARGET_EXACT},
@@ -297,6 +311,9 @@ def to_markdown(r: dict) -> str:
         f"| fast path >= Megatron-LM fast (5.1 M) | {t['fast_vs_megatron_fast']['target'] / 1e6:.2f} M "
         f"| {t['fast_vs_megatron_fast']['measured'] / 1e6:.2f} M | "
         f"{'yes' if t['fast_vs_megatron_fast']['met'] else 'no'} |",
+        "",
+        f"The fast path's `.bin`/`.idx` were {'byte-identical' if r['fast_output_identical_to_exact'] else 'NOT identical'} "
+        "to the exact path's on this corpus.",
         "",
     ]
     return "\n".join(lines)

@@ -22,7 +22,8 @@ import sysconfig
 import tempfile
 
 from ssa_megatron.data.indexed_format import read_header
-from ssa_megatron.data.preprocess import PreprocessConfig, output_prefix_for, run_preprocess
+from ssa_megatron.data.preprocess import PreprocessConfig, run_preprocess
+from ssa_megatron.data.shards import output_prefix_for
 from ssa_megatron.data.tokenizer import TOKENIZER_JSON, train_tokenizer_from_files
 
 log = logging.getLogger(__name__)

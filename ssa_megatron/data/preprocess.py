@@ -1,15 +1,9 @@
 """Raw text to Megatron indexed data: planned shards, parallel workers, restart, merge.
 
-Layout for ``--output-prefix out/corpus`` and ``--json-keys text``::
-
-    out/corpus.shards/plan.json             inputs cut into shards + the settings (restart check)
-    out/corpus.shards/text-00007.{bin,idx}  shard 7, written by one worker
-    out/corpus.shards/00007.done.json       shard 7's counters, written last: "shard finished"
-    out/corpus_text_document.{bin,idx}      the merged result (Megatron-LM's naming)
-
-Each worker process reads its shard's input pieces, tokenises batches of documents and
-appends them to its own files (no single writer receiving per-document objects); only small
-progress counters travel to the parent. A restart skips every shard whose done-marker and
+The inputs are cut into shards (``inputs.plan_shards``) kept in ``<output-prefix>.shards/``
+(layout in ``shards``). Each worker process reads its shard's input pieces, tokenises batches
+of documents and appends them to its own files (no single writer receiving per-document
+objects); only small progress counters travel to the parent. A restart skips every shard whose done-marker and
 files check out, so an interrupted run (or a failed SLURM array task) redoes only what is
 missing. Shard pairs are published ``.bin`` then ``.idx`` (see ``indexed_writer``), the marker
 after both.
@@ -29,17 +23,17 @@ from dataclasses import asdict, dataclass, field
 
 import numpy as np
 
-from ssa_megatron.data.encoders import BACKENDS, append_eod, make_encoder, mismatch_rate
-from ssa_megatron.data.indexed_format import read_header, token_dtype
-from ssa_megatron.data.indexed_writer import IndexedWriter, remove_pair, remove_temporaries
+from ssa_megatron.data.encoders import BACKENDS, append_eod, make_encoder
+from ssa_megatron.data.exactness import check_exactness, sample_texts
+from ssa_megatron.data.indexed_format import token_dtype
+from ssa_megatron.data.indexed_writer import IndexedWriter, remove_temporaries
 from ssa_megatron.data.inputs import Shard, plan_shards, resolve_inputs
-from ssa_megatron.data.merge import merge_datasets
 from ssa_megatron.data.readers import ReadStats, iter_documents
+from ssa_megatron.data.shards import (done_marker, merge_shards, merged_outputs, read_plan, save_plan,
+                                      shard_is_done, shard_prefix, write_json_atomic)
 from ssa_megatron.data.tokenizer import load_tokenizer
 
 log = logging.getLogger(__name__)
-PLAN_VERSION = 1
-SAMPLE_CHARS = 4096  # characters of each sampled document compared hf vs fast backend
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -93,11 +87,6 @@ def auto_shard_size(total_bytes: int, parallelism: int) -> int:
     return max(MIN_SHARD, min(MAX_SHARD, -(-total_bytes // (4 * parallelism))))
 
 
-def output_prefix_for(output_prefix: str, key: str) -> str:
-    """Megatron-LM's name for a preprocessed key: ``<prefix>_<key>_document``."""
-    return f"{output_prefix}_{key}_document"
-
-
 @dataclass
 class ShardStats:
     documents: int = 0
@@ -127,34 +116,6 @@ class Job:
     text_separator: str | None
     strict: bool
     batch_size: int
-
-
-def shard_prefix(shards_dir: str, key: str, index: int) -> str:
-    return os.path.join(shards_dir, f"{key}-{index:05d}")
-
-
-def done_marker(shards_dir: str, index: int) -> str:
-    return os.path.join(shards_dir, f"{index:05d}.done.json")
-
-
-def shard_is_done(shards_dir: str, keys: tuple[str, ...], index: int) -> bool:
-    """Finished = marker written (last) and every key's pair passes the header/size check."""
-    if not os.path.isfile(done_marker(shards_dir, index)):
-        return False
-    try:
-        for key in keys:
-            read_header(shard_prefix(shards_dir, key, index))
-    except (OSError, ValueError) as e:
-        log.warning("shard %d will be redone: %s", index, e)
-        return False
-    return True
-
-
-def _atomic_write_json(path: str, obj) -> None:
-    tmp = f"{path}.{os.getpid()}.tmp"
-    with open(tmp, "w") as f:
-        json.dump(obj, f, indent=1)
-    os.replace(tmp, path)
 
 
 def process_shard(job: Job, encoder, report) -> ShardStats:
@@ -207,7 +168,7 @@ def process_shard(job: Job, encoder, report) -> ShardStats:
     stats.bytes_out = sum(w.num_tokens * w.dtype.itemsize for w in writers)
     stats.malformed, stats.examples = read.malformed, read.examples
     stats.fallbacks = encoder.fallbacks - fallbacks_before
-    _atomic_write_json(done_marker(job.shards_dir, index), asdict(stats))
+    write_json_atomic(done_marker(job.shards_dir, index), asdict(stats))
     return stats
 
 
@@ -310,126 +271,14 @@ class Summary:
         return "preprocess: " + ", ".join(parts)
 
 
-def _plan_path(config: PreprocessConfig) -> str:
-    return os.path.join(config.shards_dir, "plan.json")
-
-
 def _shard_size(config: PreprocessConfig, files) -> int:
     """The explicit size, else an existing plan's (a restart keeps its shards), else automatic."""
     if config.shard_size is not None:
         return config.shard_size
-    if os.path.isfile(_plan_path(config)):
-        with open(_plan_path(config)) as f:
-            return json.load(f)["settings"]["shard_size"]
+    plan = read_plan(config.shards_dir)
+    if plan is not None:
+        return plan["settings"]["shard_size"]
     return auto_shard_size(sum(f.size for f in files), config.workers * config.task_count)
-
-
-def _settings(config: PreprocessConfig, tokenizer, dtype: np.dtype, keys, shard_size: int) -> dict:
-    return {"version": PLAN_VERSION, "tokenizer_sha256": tokenizer.fingerprint, "dtype": dtype.name,
-            "keys": list(keys), "append_eod": config.append_eod, "backend": config.backend,
-            "text_separator": config.text_separator, "input_format": config.input_format,
-            "shard_size": shard_size}
-
-
-def _load_or_write_plan(config: PreprocessConfig, settings: dict, shards: list[Shard]) -> None:
-    """Persist the plan; on restart refuse to mix shards of different inputs or settings."""
-    os.makedirs(config.shards_dir, exist_ok=True)
-    path = _plan_path(config)
-    plan = {"settings": settings, "shards": [s.to_json() for s in shards]}
-    if os.path.exists(path):
-        with open(path) as f:
-            old = json.load(f)
-        if old != plan:
-            what = [k for k in settings if old.get("settings", {}).get(k) != settings[k]] or ["input files"]
-            raise ValueError(
-                f"{config.shards_dir} holds shards of a different run ({', '.join(what)} changed); "
-                "delete that directory to start over, or use another --output-prefix")
-        return
-    _atomic_write_json(path, plan)
-
-
-def _sample_texts(shards: list[Shard], keys, config: PreprocessConfig) -> list[str]:
-    """Up to ``exactness_sample`` texts from the starts of up to 16 evenly spaced shards, each
-    cut to its first ``SAMPLE_CHARS`` characters so the check stays about a second long."""
-    picked = shards[:: max(1, len(shards) // 16)][:16]
-    per_shard = max(1, config.exactness_sample // len(picked))
-    texts: list[str] = []
-    for shard in picked:
-        taken, stats = 0, ReadStats()
-        for piece in shard.pieces:
-            for doc in iter_documents(piece, keys, stats, text_separator=config.text_separator):
-                texts.extend(t[:SAMPLE_CHARS] for t in doc if t)
-                taken += 1
-                if taken >= per_shard:
-                    break
-            if taken >= per_shard:
-                break
-    return texts[: config.exactness_sample]
-
-
-def check_exactness(config: PreprocessConfig, tokenizer_json: str, shards, keys) -> tuple[int, int]:
-    """Compare the fast backend with hf on a sample; refuse a mismatch unless allowed."""
-    texts = _sample_texts(shards, keys, config)
-    different, total = mismatch_rate(make_encoder("hf", tokenizer_json),
-                                     make_encoder(config.backend, tokenizer_json), texts)
-    if different and not config.allow_inexact:
-        raise ValueError(
-            f"--backend {config.backend} tokenised {different} of {total} sampled documents differently "
-            f"from the Hugging Face tokenizer ({100 * different / total:.3f}%); use --backend hf for "
-            "exact tokens, or pass --allow-inexact to accept the difference")
-    if different:
-        log.warning("%s differs from hf on %d/%d sampled documents; continuing (--allow-inexact)",
-                    config.backend, different, total)
-    return different, total
-
-
-def _merged_marker(shards_dir: str) -> str:
-    return os.path.join(shards_dir, "merged.json")
-
-
-def merged_outputs(shards_dir: str) -> list[str] | None:
-    """The outputs of an earlier complete merge of this shard directory, if they still check out."""
-    try:
-        with open(_merged_marker(shards_dir)) as f:
-            outputs = json.load(f)["outputs"]
-        for out in outputs:
-            read_header(out)
-    except (OSError, ValueError, KeyError):
-        return None
-    return outputs
-
-
-def merge_shards(shards_dir: str, *, keep_shards: bool = False, output_prefix: str | None = None) -> list[str]:
-    """Merge a finished shard directory into ``<output_prefix>_<key>_document`` per key.
-
-    ``output_prefix`` defaults to the shard directory's name without ``.shards``.
-    """
-    plan_path = os.path.join(shards_dir, "plan.json")
-    if not os.path.isfile(plan_path):
-        raise FileNotFoundError(f"{plan_path} not found; pass the .shards directory written by "
-                                "tools/preprocess_data.py")
-    with open(plan_path) as f:
-        plan = json.load(f)
-    keys, indices = tuple(plan["settings"]["keys"]), [s["index"] for s in plan["shards"]]
-    missing = [i for i in indices if not shard_is_done(shards_dir, keys, i)]
-    if missing:
-        raise ValueError(
-            f"{shards_dir}: {len(missing)} of {len(indices)} shards are not finished (e.g. {missing[:5]}); "
-            "re-run the preprocessing tasks that own them (shard i belongs to task i % task_count)")
-    output_prefix = output_prefix or shards_dir.removesuffix(".shards")
-    if os.path.exists(_merged_marker(shards_dir)):
-        os.unlink(_merged_marker(shards_dir))
-    outputs = []
-    for key in keys:
-        out = output_prefix_for(output_prefix, key)
-        merge_datasets([shard_prefix(shards_dir, key, i) for i in indices], out)
-        outputs.append(out)
-    _atomic_write_json(_merged_marker(shards_dir), {"outputs": outputs})
-    if not keep_shards:
-        for i in indices:
-            for key in keys:
-                remove_pair(shard_prefix(shards_dir, key, i))
-    return outputs
 
 
 def run_preprocess(config: PreprocessConfig) -> Summary:
@@ -447,11 +296,15 @@ def run_preprocess(config: PreprocessConfig) -> Summary:
     keys = config.keys(all(f.format == "text" for f in files))
     shard_size = _shard_size(config, files)
     shards = plan_shards(files, shard_size, splittable_text=config.text_separator is not None)
-    settings = _settings(config, tokenizer, dtype, keys, shard_size)
-    _load_or_write_plan(config, settings, shards)
+    save_plan(config.shards_dir, {
+        "tokenizer_sha256": tokenizer.fingerprint, "dtype": dtype.name, "keys": list(keys),
+        "append_eod": config.append_eod, "backend": config.backend, "text_separator": config.text_separator,
+        "input_format": config.input_format, "shard_size": shard_size}, shards)
     mismatched = sampled = None
     if config.backend != "hf":
-        mismatched, sampled = check_exactness(config, tokenizer.tokenizer_json, shards, keys)
+        texts = sample_texts(shards, keys, config.exactness_sample, config.text_separator)
+        mismatched, sampled = check_exactness(config.backend, tokenizer.tokenizer_json, texts,
+                                              allow_inexact=config.allow_inexact)
     mine = [s for s in shards if s.index % config.task_count == config.task_index]
     merged = merged_outputs(config.shards_dir)  # a finished earlier run: nothing left to do
     todo = [] if merged else [s for s in mine if not shard_is_done(config.shards_dir, keys, s.index)]

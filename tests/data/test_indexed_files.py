@@ -11,7 +11,7 @@ import pytest
 from ssa_megatron.data.indexed_format import read_header, read_index
 from ssa_megatron.data.indexed_writer import IndexedWriter, commit_pair
 from ssa_megatron.data.merge import merge_datasets
-from ssa_megatron.data.preprocess import shard_is_done
+from ssa_megatron.data.shards import shard_is_done
 
 
 def _write(prefix: str, docs: list[list[int]], dtype=np.uint16, batches: int = 2) -> None:

@@ -16,7 +16,7 @@ import pytest
 import zstandard
 
 from data_helpers import REPO, make_documents, run_tool, write_jsonl
-from ssa_megatron.data import preprocess
+from ssa_megatron.data import exactness, preprocess
 from ssa_megatron.data.preprocess import PreprocessConfig, run_preprocess
 from ssa_megatron.data.tokenizer import load_tokenizer
 
@@ -241,8 +241,9 @@ def test_inexact_fast_backend_is_refused_unless_allowed(tmp_path, corpus_jsonl, 
                 tokens[0] = (tokens[0] + 1) % 500  # the first document of every call differs
             return tokens, lengths
 
-    monkeypatch.setattr(preprocess, "make_encoder",
-                        lambda b, path: OffByOne(real("hf", path)) if b == "gigatoken" else real(b, path))
+    fake = lambda b, path: OffByOne(real("hf", path)) if b == "gigatoken" else real(b, path)  # noqa: E731
+    monkeypatch.setattr(exactness, "make_encoder", fake)  # the check before the run
+    monkeypatch.setattr(preprocess, "make_encoder", fake)  # the run (in-process: one worker)
     with pytest.raises(ValueError, match=r"tokenised [1-9]\d* of \d+ sampled documents differently.*allow-inexact"):
         run_preprocess(_config([corpus_jsonl], tmp_path / "x", tokenizer_dir, backend="gigatoken"))
     summary = run_preprocess(_config([corpus_jsonl], tmp_path / "y", tokenizer_dir, backend="gigatoken",

@@ -54,64 +54,66 @@ SPLIT_SCORES = True
 
 
 @triton.jit
-def _compare_swap(x, R: tl.constexpr, N: tl.constexpr, J: tl.constexpr, I: tl.constexpr, ALT: tl.constexpr, DESC: tl.constexpr):
-    """One bitonic compare-exchange of ``x [R, N]`` along its last dim, partners ``2**J`` apart.
-
-    Order within each pair: ascending, reversed where bit ``I`` of the index is set (``ALT``: the
-    alternating blocks of a bitonic sort's stage ``I``), then reversed again if ``DESC``.
-    """
-    A: tl.constexpr = N // (2 << J)
-    C: tl.constexpr = 1 << J
-    # [R, A, 2, C]: the pair is the size-2 axis
-    y = tl.reshape(x, [R, A, 2, C])
-    lo = tl.min(y, 2, keep_dims=True)
-    hi = tl.max(y, 2, keep_dims=True)
-    o_p = tl.arange(0, 2)[None, None, :, None]
-    if ALT:
-        o_a = tl.arange(0, A)[None, :, None, None]
-        m_desc = ((o_a >> (I - J - 1)) & 1) == 1
-        m_hi = (o_p == 1) != (m_desc != DESC)
-    else:
-        m_hi = (o_p == 1) != DESC
-    y = tl.where(m_hi, hi, lo)
-    return tl.reshape(y, [R, N])
+def _indicator(n_dims: tl.constexpr, j: tl.constexpr):
+    """0/1 along the ``j``-th innermost axis of a ``[2] * n_dims`` hypercube, broadcastable."""
+    ar = tl.arange(0, 2)
+    return tl.reshape(ar, [1] * (n_dims - j - 1) + [2] + [1] * j)
 
 
 @triton.jit
-def _bitonic_sort(x, R: tl.constexpr, N: tl.constexpr):
-    """Sort ``x [R, N]`` ascending along its last dim (N a power of two <= 256)."""
-    for i in tl.static_range(1, 9):
-        if (1 << i) <= N:
-            for jj in tl.static_range(i):
-                x = _compare_swap(x, R, N, i - 1 - jj, i, (1 << i) < N, False)
-    return x
+def _compare_swap(h, flip, n_dims: tl.constexpr, j: tl.constexpr):
+    """Bitonic compare-exchange along the ``j``-th innermost axis of hypercube ``h``.
+
+    Each pair ends ascending where ``flip`` is false, descending where it is true.
+    """
+    lo = tl.min(h, n_dims - 1 - j, keep_dims=True)
+    hi = tl.max(h, n_dims - 1 - j, keep_dims=True)
+    return tl.where((_indicator(n_dims, j) == 1) != flip, hi, lo)
 
 
 @triton.jit
-def _top_k_merge(b_top, b_key, BT: tl.constexpr, NC: tl.constexpr, KP: tl.constexpr, LOG_KP: tl.constexpr):
-    """Best ``KP`` of ``b_top [BT, KP]`` (descending) and ``b_key [BT, NC]``, descending.
+def _sort_rows(x, LOG_R: tl.constexpr, LOG_N: tl.constexpr, DESC: tl.constexpr):
+    """Bitonic sort of each row of ``x [2**LOG_R, 2**LOG_N]``, on a ``[2] * n`` hypercube view."""
+    n_dims: tl.constexpr = LOG_R + LOG_N
+    h = tl.reshape(x, [2] * n_dims)
+    for i in tl.static_range(1, LOG_N + 1):
+        for jj in tl.static_range(i):
+            if i < LOG_N:  # stage i: blocks of 2**i alternate direction by bit i of the index
+                h = _compare_swap(h, _indicator(n_dims, i) == 1, n_dims, i - 1 - jj)
+            else:
+                h = _compare_swap(h, DESC, n_dims, i - 1 - jj)
+    return tl.reshape(h, [1 << LOG_R, 1 << LOG_N])
 
-    Bitonic: sort the chunk ascending, take its last ``KP`` (its best, ascending); the elementwise
-    max of a descending and an ascending sequence holds the best ``KP`` of their union as a bitonic
-    sequence, which ``LOG_KP`` merge stages sort.
+
+@triton.jit
+def _top_k_merge(b_top, b_key, LOG_BT: tl.constexpr, LOG_NC: tl.constexpr, LOG_KP: tl.constexpr):
+    """Best ``KP`` of ``b_top [BT, KP]`` and ``b_key [BT, NC]`` (``NC >= KP``), descending.
+
+    Bitonic: sort both (the chunk ascending, the carry descending); the elementwise max over the
+    chunk's groups of ``KP`` is its best ``KP``, ascending; the elementwise max of a descending and
+    an ascending sequence holds the best ``KP`` of their union as a bitonic sequence, which
+    ``LOG_KP`` merge stages sort.
     """
-    b_key = _bitonic_sort(b_key, BT, NC)
-    if NC > KP:
-        o_g = tl.arange(0, NC // KP)[None, :, None]
-        b_key = tl.max(tl.where(o_g == NC // KP - 1, tl.reshape(b_key, [BT, NC // KP, KP]), -1), 1)
-    b_top = tl.maximum(b_top, b_key)
+    BT: tl.constexpr = 1 << LOG_BT
+    KP: tl.constexpr = 1 << LOG_KP
+    NC: tl.constexpr = 1 << LOG_NC
+    b_key = _sort_rows(b_key, LOG_BT, LOG_NC, False)
+    b_key = tl.max(tl.reshape(b_key, [BT, NC // KP, KP]), 1)
+    b_top = tl.maximum(_sort_rows(b_top, LOG_BT, LOG_KP, True), b_key)
+    n_dims: tl.constexpr = LOG_BT + LOG_KP
+    h = tl.reshape(b_top, [2] * n_dims)
     for jj in tl.static_range(LOG_KP):
-        b_top = _compare_swap(b_top, BT, KP, LOG_KP - 1 - jj, 0, False, True)
-    return b_top
+        h = _compare_swap(h, True, n_dims, LOG_KP - 1 - jj)
+    return tl.reshape(h, [BT, KP])
 
 
 @triton.autotune(
     configs=configs(
         [
-            triton.Config({"BC": 64}, num_warps=8, num_stages=2),
-            triton.Config({"BC": 64}, num_warps=4, num_stages=2),
-            triton.Config({"BC": 32}, num_warps=4, num_stages=2),
-            triton.Config({"BC": 128}, num_warps=8, num_stages=2),
+            triton.Config({"LOG_BC": 6, "INS": 8}, num_warps=8, num_stages=2),
+            triton.Config({"LOG_BC": 6, "INS": 4}, num_warps=4, num_stages=2),
+            triton.Config({"LOG_BC": 5, "INS": 8}, num_warps=4, num_stages=2),
+            triton.Config({"LOG_BC": 7, "INS": 16}, num_warps=8, num_stages=2),
         ]
     ),
     key=["GP", "D", "BS", "KP", "SPLIT"],
@@ -137,11 +139,14 @@ def select_blocks_kernel(
     BS: tl.constexpr,
     BT: tl.constexpr,
     KP: tl.constexpr,
+    LOG_BT: tl.constexpr,
     LOG_KP: tl.constexpr,
     SPLIT: tl.constexpr,
     PREC: tl.constexpr,
-    BC: tl.constexpr,
+    LOG_BC: tl.constexpr,
+    INS: tl.constexpr,
 ):
+    BC: tl.constexpr = 1 << LOG_BC
     i_t, i_bh = tl.program_id(0), tl.program_id(1)
     i_b, i_h = i_bh // HKV, i_bh % HKV
     M: tl.constexpr = BT * GP
@@ -192,16 +197,18 @@ def select_blocks_kernel(
 
     # ---- pass 2: importance summed over the group, exact streaming top-k ----
     # chunk width of pass 2: BC blocks, at least KP (the merge takes the chunk's best KP)
-    NC: tl.constexpr = BC * ((KP + BC - 1) // BC)
+    LOG_NC: tl.constexpr = LOG_BC + (LOG_KP - LOG_BC) * (LOG_KP > LOG_BC)
+    NC: tl.constexpr = 1 << LOG_NC
     o_nc = tl.arange(0, NC)
+    o_kp = tl.arange(0, KP)
     o_t = i_t * BT + tl.arange(0, BT)
     m_t = o_t < T
-    # [BT, KP] carried best keys, descending; -1 = nothing yet
+    # [BT, KP] carried best keys (any order); -1 = nothing yet
     b_top = tl.full([BT, KP], -1, dtype=tl.int64)
     n_ear = t_last // BS
     n_chunk = tl.cdiv(n_ear, NC)
     for i_c in range(n_chunk):
-        # from the diagonal backwards
+        # from the diagonal backwards: the recent blocks set a high bar early
         o_j = (n_chunk - 1 - i_c) * NC + o_nc
         m_j = o_j < n_ear
         p_hi = kc_hi + p_kc + o_j[:, None] * D + o_d[None, :]
@@ -220,15 +227,26 @@ def select_blocks_kernel(
         m_te = (o_j[None, :] < (o_t // BS)[:, None]) & m_t[:, None]
         b_key = (b_imp.to(tl.int32, bitcast=True).to(tl.int64) << 32) | o_j[None, :].to(tl.int64)
         b_key = tl.where(m_te, b_key, -1)
-        # merge only when some key of the chunk beats a row's carried minimum
+        # keys of the chunk that beat a row's carried minimum: few -> insert them one by one (the
+        # usual case past the first chunks); many -> bitonic merge
         b_thr = tl.min(b_top, 1)
-        if tl.max(tl.sum((b_key > b_thr[:, None]).to(tl.int32), 1)) > 0:
-            b_top = _top_k_merge(b_top, b_key, BT, NC, KP, LOG_KP)
+        n_cand = tl.max(tl.sum((b_key > b_thr[:, None]).to(tl.int32), 1))
+        if n_cand > INS:
+            b_top = _top_k_merge(b_top, b_key, LOG_BT, LOG_NC, LOG_KP)
+        else:
+            for _ in range(n_cand):
+                b_cmax = tl.max(b_key, 1)
+                b_cmin = tl.min(b_top, 1)
+                m_ins = b_cmax > b_cmin
+                # first slot holding the row's minimum
+                b_pos = tl.min(tl.where(b_top == b_cmin[:, None], o_kp[None, :], KP), 1)
+                b_top = tl.where((o_kp[None, :] == b_pos[:, None]) & m_ins[:, None], b_cmax[:, None], b_top)
+                b_key = tl.where(b_key == b_cmax[:, None], -1, b_key)
 
     # ---- output: own block, then the carried keys by descending importance ----
     p_idx = idx + ((i_b * T + o_t).to(tl.int64) * HKV + i_h) * TOPK
     tl.store(p_idx, (o_t // BS).to(tl.int64), mask=m_t)
-    o_kp = tl.arange(0, KP)
+    b_top = _sort_rows(b_top, LOG_BT, LOG_KP, True)
     b_blk = tl.where(b_top >= 0, b_top.to(tl.int32).to(tl.int64), -1)
     tl.store(p_idx[:, None] + 1 + o_kp[None, :], b_blk, mask=m_t[:, None] & (o_kp[None, :] < K1))
 
@@ -286,6 +304,7 @@ def select_blocks_fwd(q: torch.Tensor, k: torch.Tensor, block_size: int, top_k: 
         BS=block_size,
         BT=bt,
         KP=kp,
+        LOG_BT=bt.bit_length() - 1,
         LOG_KP=kp.bit_length() - 1,
         SPLIT=split,
         PREC=dot_precision(q.dtype),

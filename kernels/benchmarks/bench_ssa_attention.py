@@ -1,6 +1,6 @@
 """SSA kernels at real sizes: correctness vs a float32 reference, then timings vs dense SDPA and FlexAttention.
 
-Shape: the paper's 1B layer (32 query heads, 2 KV heads, head_dim 64, bf16), batch x seq = 16k tokens
+Shape: the paper's 1B layer (32 query heads, 2 KV heads, head_dim 64, bf16), batch = max(1, 16k / seq)
 (2 x 8k, 1 x 32k, 1 x 128k), block_size 16 and 64, receptive field 256 and 1024 tokens.
 
     PYTHONPATH=.:kernels python kernels/benchmarks/bench_ssa_attention.py --out docs/benchmarks
@@ -433,9 +433,10 @@ def markdown(res: dict) -> str:
         "",
         f"{env['device']} | {env['date']} | torch {env['torch']} | triton {env['triton']} | CUDA {env['cuda']}",
         "",
-        f"Layer: {HQ} query heads, {HKV} KV heads, head_dim {D}, bf16; batch x seq = {TOKENS} tokens "
-        "(1 sequence from 32k). Times are medians (ms) of `triton.testing.do_bench`; TF/s counts useful "
-        "FLOPs only (fwd 4*d*heads*attended keys, bwd 2.5x fwd); peak = memory allocated above the inputs.",
+        f"Layer: {HQ} query heads, {HKV} KV heads, head_dim {D}, bf16; batch = max(1, {TOKENS} // seq) "
+        "(2 x 8k, 1 x 32k, 1 x 128k). Times are medians (ms) of `triton.testing.do_bench`; TF/s counts useful "
+        "FLOPs only (fwd 4*d*heads*attended keys, bwd 2.5x fwd); peak = memory allocated above the inputs. "
+        "select_blocks carries no gradient: 'fwd+bwd' columns are sparse_attention alone.",
         "",
         "## Correctness (bf16 kernels vs float32 oracle on the same inputs; outputs NaN-poisoned)",
         "",

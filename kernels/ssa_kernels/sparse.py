@@ -14,11 +14,16 @@ them (never once per head).
   base-2 log-sum-exp for the backward.
 * ``sparse_bwd_dq_kernel`` — the same walk for dq; it also computes ``delta = rowsum(dO * O)``.
 * ``sparse_bwd_dkdv_kernel`` — key-block-major: the backward never scans all later queries per
-  key block. An inverse index (``build_inverse_index``: one stable sort of the selection keyed by
-  (batch, KV head, block)) lists, per key block, the tokens that selected it; the list is cut into
-  work items of ``chunk`` tokens (so a block every token picks, like a sink block, spreads over many
-  programs), each item recomputes P and dS for ``TB`` tokens x ``G`` heads at a time against the
-  block's keys and adds its dK/dV partial with fp32 atomics (one ``[block_size, D]`` add per item).
+  key block. An inverse index (``inverse.build_inverse_index``: a counting sort of the selection by
+  (batch, KV head, block), 4 Triton launches, no host sync) lists, per key block, the tokens that
+  selected it; the list is cut into work items of at most 128 tokens (so a block every token picks,
+  like a sink block, spreads over many programs); each item recomputes P and dS for ``TB`` tokens x
+  ``G`` heads at a time against the block's keys and adds its dK/dV partial with fp32 atomics (one
+  ``[block_size, D]`` add per item; the summation order, hence the last bits of dK/dV, is not
+  deterministic).
+
+Every kernel reads q/k/v/dO through batch/sequence/head strides (head dim contiguous), so
+Megatron's ``[s, b, h, d]`` tensors seen as ``[b, s, h, d]`` need no copy.
 """
 
 from __future__ import annotations

@@ -38,7 +38,7 @@ def gather_full_state(chunks) -> dict[str, torch.Tensor]:
     local = {}
     for chunk in chunks:
         for name, param in _global_names(chunk):
-            value = param.detach().float().cpu()
+            value = param.detach().float()  # gathered on the param's device (NCCL needs CUDA tensors)
             if getattr(param, "tensor_model_parallel", False) and tp > 1:
                 dim = param.partition_dim
                 shards = [torch.empty_like(value) for _ in range(tp)]
@@ -48,7 +48,7 @@ def gather_full_state(chunks) -> dict[str, torch.Tensor]:
                     value = torch.cat([torch.cat([h[0] for h in halves]), torch.cat([h[1] for h in halves])])
                 else:
                     value = torch.cat(shards, dim=dim)
-            local[name] = value
+            local[name] = value.cpu()
     stages = [None] * parallel_state.get_pipeline_model_parallel_world_size()
     dist.all_gather_object(stages, local, group=parallel_state.get_pipeline_model_parallel_group())
     full = {}

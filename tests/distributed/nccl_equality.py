@@ -51,7 +51,12 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--out", required=True, help="path prefix for .json and .md")
     parser.add_argument("--steps", type=int, default=5)
+    parser.add_argument("--dtype", choices=("bf16", "fp32"), default="bf16",
+                        help="fp32 runs the torch reference ops (separates layout bugs from bf16 rounding)")
     args = parser.parse_args()
+    TRAIN["dtype"] = args.dtype
+    if args.dtype == "fp32":
+        SSA["backend"] = "torch"
     work = Path(tempfile.mkdtemp())
     init = work / "init.pt"
     single = launch(1, {}, init, work / "single.pt", args.steps)
@@ -63,6 +68,8 @@ def main() -> None:
         got = result["ranks"][-1]["records"]
         weights = [(result["weights"][k] - v).abs().max().item() for k, v in single["weights"].items()]
         updates = [(v - initial[k]).abs().max().item() for k, v in single["weights"].items()]
+        diff_sq = sum(((result["weights"][k] - v) ** 2).sum().item() for k, v in single["weights"].items())
+        update_sq = sum(((v - initial[k]) ** 2).sum().item() for k, v in single["weights"].items())
         rows.append({
             "layout": name,
             "lm_loss_max_rel_diff": max(rel(g["lm"], r["lm"]) for g, r in zip(got, ref)),
@@ -70,6 +77,8 @@ def main() -> None:
             "per_layer_alignment_max_rel_diff": max(rel(a, b) for g, r in zip(got, ref) for a, b in zip(g["layers"], r["layers"])),
             "weights_max_abs_diff": max(weights),
             "weights_max_abs_update": max(updates),
+            # ||W_layout - W_single|| / ||W_single - W_init||: the difference relative to what training moved
+            "weights_rel_l2_diff_vs_update": (diff_sq / update_sq) ** 0.5,
             "lm_loss_first_last": [ref[0]["lm"], ref[-1]["lm"]],
             "modes_match": sorted(map(tuple, result["ranks"][0]["modes"])) == sorted(map(tuple, single["ranks"][0]["modes"])),
         })
@@ -80,13 +89,14 @@ def main() -> None:
             "model": MODEL, "ssa": SSA, "train": TRAIN, "steps": args.steps}
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(f"{args.out}.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=2))
-    lines = [f"# Layout equality on GPU (NCCL, bf16)\n", f"{meta['device']} x {meta['gpus']}, {meta['date']}, torch {meta['torch']}, "
+    lines = [f"# Layout equality on GPU (NCCL, {args.dtype})\n", f"{meta['device']} x {meta['gpus']}, {meta['date']}, torch {meta['torch']}, "
              f"megatron-core {meta['megatron_core']}; model {MODEL}, {SSA}, {args.steps} steps, both vs one GPU.\n",
-             "| layout | LM loss max rel diff | alignment loss max rel diff | per-layer alignment max rel diff | weights max abs diff | max abs update | modes match |",
-             "|---|---|---|---|---|---|---|"]
+             "| layout | LM loss max rel diff | alignment loss max rel diff | per-layer alignment max rel diff | weights max abs diff | max abs update | weight diff / update (L2) | modes match |",
+             "|---|---|---|---|---|---|---|---|"]
     for r in rows:
         lines.append(f"| {r['layout']} | {r['lm_loss_max_rel_diff']:.2e} | {r['alignment_loss_max_rel_diff']:.2e} | "
-                     f"{r['per_layer_alignment_max_rel_diff']:.2e} | {r['weights_max_abs_diff']:.2e} | {r['weights_max_abs_update']:.2e} | {r['modes_match']} |")
+                     f"{r['per_layer_alignment_max_rel_diff']:.2e} | {r['weights_max_abs_diff']:.2e} | {r['weights_max_abs_update']:.2e} | "
+                     f"{r['weights_rel_l2_diff_vs_update']:.2e} | {r['modes_match']} |")
     Path(f"{args.out}.md").write_text("\n".join(lines) + "\n")
 
 

@@ -78,14 +78,16 @@ def _compare_swap(h, flip, n_dims: tl.constexpr, j: tl.constexpr):
 def _sort_rows(x, LOG_R: tl.constexpr, LOG_N: tl.constexpr, DESC: tl.constexpr):
     """Bitonic sort of each row of ``x [2**LOG_R, 2**LOG_N]``, on a ``[2] * n`` hypercube view."""
     n_dims: tl.constexpr = LOG_R + LOG_N
-    h = tl.reshape(x, [2] * n_dims)
-    for i in tl.static_range(1, LOG_N + 1):
-        for jj in tl.static_range(i):
-            if i < LOG_N:  # stage i: blocks of 2**i alternate direction by bit i of the index
-                h = _compare_swap(h, _indicator(n_dims, i) == 1, n_dims, i - 1 - jj)
-            else:
-                h = _compare_swap(h, DESC, n_dims, i - 1 - jj)
-    return tl.reshape(h, [1 << LOG_R, 1 << LOG_N])
+    if LOG_N > 0:
+        h = tl.reshape(x, [2] * n_dims)
+        for i in tl.static_range(1, LOG_N + 1):
+            for jj in tl.static_range(i):
+                if i < LOG_N:  # stage i: blocks of 2**i alternate direction by bit i of the index
+                    h = _compare_swap(h, _indicator(n_dims, i) == 1, n_dims, i - 1 - jj)
+                else:
+                    h = _compare_swap(h, DESC, n_dims, i - 1 - jj)
+        x = tl.reshape(h, [1 << LOG_R, 1 << LOG_N])
+    return x
 
 
 @triton.jit
@@ -104,10 +106,12 @@ def _top_k_merge(b_top, b_key, LOG_BT: tl.constexpr, LOG_NC: tl.constexpr, LOG_K
     b_key = tl.max(tl.reshape(b_key, [BT, NC // KP, KP]), 1)
     b_top = tl.maximum(_sort_rows(b_top, LOG_BT, LOG_KP, True), b_key)
     n_dims: tl.constexpr = LOG_BT + LOG_KP
-    h = tl.reshape(b_top, [2] * n_dims)
-    for jj in tl.static_range(LOG_KP):
-        h = _compare_swap(h, True, n_dims, LOG_KP - 1 - jj)
-    return tl.reshape(h, [BT, KP])
+    if LOG_KP > 0:
+        h = tl.reshape(b_top, [2] * n_dims)
+        for jj in tl.static_range(LOG_KP):
+            h = _compare_swap(h, True, n_dims, LOG_KP - 1 - jj)
+        b_top = tl.reshape(h, [BT, KP])
+    return b_top
 
 
 @triton.autotune(

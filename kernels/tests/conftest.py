@@ -8,11 +8,16 @@ in its source, ``triton/runtime/jit.py`` and ``triton/knobs.py``, and by experim
   if triton was imported without the variable, an interpreted kernel that calls them fails with
   "Cannot call @triton.jit'd outside of the scope of a kernel". Setting the variable before the
   first ``@triton.jit`` *launch* is not enough; it must be set before ``import triton``.
-* ``pytest tests kernels`` collects ``tests/`` first, and ``megatron.core`` imports triton there.
-  So: if triton is not imported yet (``pytest kernels``), this conftest sets the variable around
-  the import of triton and ``ssa_kernels`` and the tests run in this process; if it is, the kernel
-  tests here are skipped and ``test_kernel_interpreter_process.py`` re-runs this directory in a
-  fresh process with ``TRITON_INTERPRET=1``, failing if that run fails.
+* ``megatron.core`` imports triton, and ``pytest tests kernels`` collects ``tests/`` first. But
+  pytest loads the conftests of its arguments' ``test*`` subdirectories at startup, before any test
+  module is imported, so in ``pytest tests kernels`` (checked: 243 passed, kernel tests in-process)
+  and ``pytest kernels`` this conftest imports triton and ``ssa_kernels`` first, with the variable
+  set. Where something imported triton earlier still (``python -c "import triton; pytest.main()"``,
+  a plugin), the kernel tests here are skipped and ``test_kernel_interpreter_process.py`` re-runs
+  this directory in a fresh process with ``TRITON_INTERPRET=1``, failing if that run fails.
+* Importing triton under the variable makes triton's own jit functions interpreted for the whole
+  session; on CPU nothing else can launch a compiled triton kernel anyway, and on a CUDA machine
+  this conftest leaves the variable alone.
 * The variable is set only around that import and, per kernel test, by an autouse fixture
   (monkeypatch restores it), so tests outside ``kernels/`` never see it.
 """

@@ -90,7 +90,7 @@ def build_corpus(path: str, target_bytes: int, seed: int = 0) -> dict:
                     break
     os.replace(tmp, path)
     meta = {"recipe": recipe, "bytes": os.path.getsize(path), "documents": docs,
-            "unique_documents": len(texts), "passes": passes}
+            "unique_documents": len(texts), "passes": passes}  # unique_documents: source files read
     with open(meta_path, "w") as f:
         json.dump(meta, f)
     return meta
@@ -253,7 +253,7 @@ def run_benchmark(workdir: str, *, corpus_mb: int = 256, runs: int = 3, vocab_si
     load_after = os.getloadavg()
     return {
         "date": datetime.now(timezone.utc).strftime("%Y-%m-%d"),
-        "machine": {"cpu": _cpu_model(), "cores": os.cpu_count(), "platform": platform.platform()},
+        "machine": {"cpu": _cpu_model(), "cores": len(os.sched_getaffinity(0)), "platform": platform.platform()},
         "versions": _versions(),
         "corpus": {**meta, "path": os.path.basename(corpus), "tokens": exact.tokens},
         "tokenizer": {"vocab_size": vocab_size, "trained_on_mb": train_mb, "train_seconds": round(train_seconds, 1)},
@@ -271,19 +271,29 @@ def run_benchmark(workdir: str, *, corpus_mb: int = 256, runs: int = 3, vocab_si
     }
 
 
-def to_markdown(r: dict) -> str:
-    """The results table (anchors beside our figures) and the setting."""
+def runs_to_markdown(runs: dict[str, dict]) -> str:
+    """One section per labelled run, anchors beside our figures in each."""
+    head = ["# Preprocessing benchmark", "",
+            "Written by `tools/benchmark_preprocess.py` (one section per `--label`). The Megatron-LM rows "
+            "are the issue's anchors (2 cores, 200 MB code-heavy JSONL, 54.7M tokens, 32k byte-level BPE); "
+            "Megatron-LM's tools are not installed here and were not re-measured.", ""]
+    return "\n".join(head + [to_markdown(r, label) for label, r in runs.items()])
+
+
+def to_markdown(r: dict, label: str) -> str:
+    """The results table of one run (anchors beside our figures) and its setting."""
     v = r["versions"]
     lines = [
-        "# Preprocessing benchmark",
+        f"## {label}",
         "",
+        *([r["note"], ""] if r.get("note") else []),
         f"Machine: {r['machine']['cpu']}, {r['machine']['cores']} cores ({r['machine']['platform']}); "
         f"date {r['date']}; Python {v['python']}, tokenizers {v['tokenizers']}, gigatoken {v['gigatoken']}, "
         f"numpy {v['numpy']}, megatron-core {v['megatron-core']}.",
         "",
         f"Corpus: {r['corpus']['bytes'] / 1e6:.0f} MB JSONL built by `tools/benchmark_preprocess.py` from the "
-        f"machine's Python sources and docs ({r['corpus']['documents']:,} documents, "
-        f"{r['corpus']['unique_documents']:,} unique, {r['corpus']['tokens'] / 1e6:.1f}M tokens); byte-level BPE of "
+        f"machine's Python sources and docs ({r['corpus']['documents']:,} documents drawn from "
+        f"{r['corpus']['unique_documents']:,} files, {r['corpus']['tokens'] / 1e6:.1f}M tokens); byte-level BPE of "
         f"{r['tokenizer']['vocab_size']:,} trained on its first {r['tokenizer']['trained_on_mb']} MB. "
         f"Medians of {r['runs']} runs. Tokens/s is over wall time; tokens per CPU-second (user + system "
         "time of the whole process tree) is less sensitive to other load on the machine. Peak RSS is the "

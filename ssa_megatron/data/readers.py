@@ -2,8 +2,8 @@
 
 ``iter_documents`` yields one tuple of texts per document (one text per key) and never holds
 more than a read chunk plus one record in memory. Bad records are counted in ``ReadStats``
-(the first few described, for the caller's warning) and skipped, or raise with ``strict``; a missing key is always an error since
-it almost always means a wrong ``--json-keys``.
+(the first few described, for the caller's warning) and skipped, or raise with ``strict``; a
+missing key is always an error since it almost always means a wrong ``--json-keys``.
 """
 
 from __future__ import annotations
@@ -28,7 +28,6 @@ class ReadStats:
 
     bytes: int = 0
     malformed: int = 0
-    empty: int = 0
     examples: list[str] = field(default_factory=list)
 
 
@@ -66,7 +65,7 @@ def _skip_through(f, sep: bytes) -> int:
 def iter_records(piece: Piece, sep: bytes, stats: ReadStats) -> Iterator[tuple[int, bytes]]:
     """(offset, record) for the ``sep``-delimited records that start inside the piece."""
     f, raw = open_binary(piece.path, piece.compression)
-    with f:
+    with raw, f:  # GzipFile does not close the file it wraps
         pos = 0
         if piece.start > 0:  # the record containing start-1 belongs to the previous piece
             f.seek(piece.start - 1)
@@ -155,8 +154,8 @@ def _jsonl_documents(piece: Piece, keys: tuple[str, ...], stats: ReadStats,
 def _text_documents(piece: Piece, separator: str | None, stats: ReadStats,
                     strict: bool) -> Iterator[tuple[str, ...]]:
     if separator is None:  # the whole file is one document
-        f, _ = open_binary(piece.path, piece.compression)
-        with f:
+        f, raw = open_binary(piece.path, piece.compression)
+        with raw, f:
             records = [(0, f.read())]
         stats.bytes += piece.size
     else:

@@ -13,7 +13,6 @@ import time
 
 import numpy as np
 import pytest
-import zstandard
 
 from data_helpers import REPO, make_documents, run_tool, write_jsonl
 from ssa_megatron.data import exactness, preprocess
@@ -62,8 +61,9 @@ def test_shards_from_two_workers_merged_equal_a_single_process_run_byte_for_byte
 
 
 def test_text_parquet_gzip_and_zstd_inputs_give_the_same_tokens(tmp_path, documents, tokenizer_dir):
-    import pyarrow as pa
-    import pyarrow.parquet as pq
+    pa = pytest.importorskip("pyarrow")  # the [data] extra
+    pq = pytest.importorskip("pyarrow.parquet")
+    zstandard = pytest.importorskip("zstandard")
 
     docs = documents[:40]
     plain = write_jsonl(tmp_path / "a.jsonl", docs)

@@ -81,6 +81,16 @@ def _split_suffix(path: str) -> tuple[str, str | None]:
     return ext, compression
 
 
+def splittable_separator(separator: str | None) -> bool:
+    """Whether files delimited by ``separator`` can be cut at arbitrary bytes: a reader starting
+    mid-file must find record starts unambiguously, which fails for separators that overlap
+    themselves (e.g. "\\n\\n" inside "\\n\\n\\n"); such files are read whole."""
+    if not separator:
+        return False
+    sep = separator.encode("utf-8")
+    return not any(sep[:k] == sep[-k:] for k in range(1, len(sep)))
+
+
 def detect_format(path: str, input_format: str = "auto") -> tuple[str, str | None]:
     ext, compression = _split_suffix(path)
     if input_format != "auto":

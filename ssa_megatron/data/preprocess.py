@@ -27,7 +27,7 @@ from ssa_megatron.data.encoders import BACKENDS, append_eod, make_encoder
 from ssa_megatron.data.exactness import check_exactness, sample_texts
 from ssa_megatron.data.indexed_format import token_dtype
 from ssa_megatron.data.indexed_writer import IndexedWriter, remove_temporaries
-from ssa_megatron.data.inputs import Shard, plan_shards, resolve_inputs
+from ssa_megatron.data.inputs import Shard, plan_shards, resolve_inputs, splittable_separator
 from ssa_megatron.data.readers import ReadStats, iter_documents
 from ssa_megatron.data.shards import (done_marker, merge_shards, merged_outputs, read_plan, save_plan,
                                       shard_is_done, shard_prefix, write_json_atomic)
@@ -295,7 +295,7 @@ def run_preprocess(config: PreprocessConfig) -> Summary:
     dtype = token_dtype(tokenizer.vocab_size, config.dtype)
     keys = config.keys(all(f.format == "text" for f in files))
     shard_size = _shard_size(config, files)
-    shards = plan_shards(files, shard_size, splittable_text=config.text_separator is not None)
+    shards = plan_shards(files, shard_size, splittable_text=splittable_separator(config.text_separator))
     save_plan(config.shards_dir, {
         "tokenizer_sha256": tokenizer.fingerprint, "dtype": dtype.name, "keys": list(keys),
         "append_eod": config.append_eod, "backend": config.backend, "text_separator": config.text_separator,

@@ -15,7 +15,7 @@ import re
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 
-from ssa_megatron.data.inputs import InputFile, Piece, file_pieces
+from ssa_megatron.data.inputs import InputFile, Piece, file_pieces, splittable_separator
 
 CHUNK = 1 << 22  # bytes read at a time from an input file
 _SURROGATE = re.compile("[\ud800-\udfff]")
@@ -50,7 +50,7 @@ def open_binary(path: str, compression: str | None) -> tuple[io.BufferedIOBase, 
 def _skip_through(f, sep: bytes) -> int:
     """Read past the next ``sep``; return the bytes consumed (all that remained if none)."""
     consumed, tail = 0, b""
-    while chunk := f.read(1 << 16):
+    while chunk := f.read(CHUNK):
         data = tail + chunk
         at = data.find(sep)
         if at >= 0:
@@ -67,9 +67,13 @@ def iter_records(piece: Piece, sep: bytes, stats: ReadStats) -> Iterator[tuple[i
     f, raw = open_binary(piece.path, piece.compression)
     with raw, f:  # GzipFile does not close the file it wraps
         pos = 0
-        if piece.start > 0:  # the record containing start-1 belongs to the previous piece
-            f.seek(piece.start - 1)
-            pos = piece.start - 1 + _skip_through(f, sep)
+        if piece.start > 0:
+            # Records start at 0 and right after each separator; the first one at or after
+            # ``start`` follows the first separator ending there, which begins >= start - len(sep).
+            # (Valid for separators that cannot overlap themselves; see inputs.splittable_separator.)
+            back = min(piece.start, len(sep))
+            f.seek(piece.start - back)
+            pos = piece.start - back + _skip_through(f, sep)
         base, reported = raw.tell(), 0
         pending: list[bytes] = []
         while pos < piece.end:
@@ -211,7 +215,7 @@ def iter_texts(files: list[InputFile], keys: tuple[str, ...], stats: ReadStats, 
     (a sample for tokenizer training)."""
     seen = 0
     for f in files:
-        for piece in file_pieces(f, 1 << 62, text_separator is not None):
+        for piece in file_pieces(f, 1 << 62, splittable_separator(text_separator)):
             for doc in iter_documents(piece, keys, stats, text_separator=text_separator,
                                       strict=strict):
                 for text in doc:

@@ -33,7 +33,7 @@ def select_blocks(q: torch.Tensor, k: torch.Tensor, block_size: int, top_k: int,
     """
     check_qkv(q, k)
     check_block_args(block_size, top_k)
-    if resolve_backend(backend, q.device) == "triton":
+    if resolve_backend(backend, q.device, q.dtype) == "triton":
         import ssa_kernels
 
         return ssa_kernels.select_blocks(q, k, block_size, top_k)
@@ -47,7 +47,7 @@ def sparse_attention(
     check_qkv(q, k, v)
     check_block_args(block_size)
     check_idx(idx, q, k)
-    if resolve_backend(backend, q.device) == "triton":
+    if resolve_backend(backend, q.device, q.dtype) == "triton":
         import ssa_kernels
 
         return ssa_kernels.sparse_attention(q, k, v, idx, block_size)
@@ -57,7 +57,7 @@ def sparse_attention(
 def alignment_loss(o_full: torch.Tensor, o_sparse: torch.Tensor, backend: str = "auto") -> torch.Tensor:
     """``SmoothL1(o_full, sg(o_sparse)) + SmoothL1(sg(o_full), o_sparse)``, beta 1, mean, float32 scalar."""
     check_pair(o_full, o_sparse)
-    if resolve_backend(backend, o_full.device) == "triton":
+    if resolve_backend(backend, o_full.device, o_full.dtype) == "triton":
         import ssa_kernels
 
         return ssa_kernels.alignment_loss(o_full, o_sparse)  # fused: one read of each stream per pass

@@ -23,12 +23,16 @@ def _interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET") == "1"
 
 
-def resolve_backend(backend: str, device: torch.device) -> str:
-    """Map ``auto`` to ``triton`` for CUDA tensors (when importable) and to ``torch`` otherwise."""
+def resolve_backend(backend: str, device: torch.device, dtype: torch.dtype | None = None) -> str:
+    """Map ``auto`` to ``triton`` for CUDA tensors (when importable) and to ``torch`` otherwise.
+
+    float64 always resolves to ``torch``: the kernels compute in fp16/bf16/fp32 only.
+    """
     if backend not in BACKENDS:
         raise ValueError(f"backend={backend!r}: must be one of {BACKENDS}")
     if backend == "auto":
-        backend = "triton" if device.type == "cuda" and triton_available() else "torch"
+        kernels_fit = device.type == "cuda" and dtype != torch.float64 and triton_available()
+        backend = "triton" if kernels_fit else "torch"
         _log_choice(backend, device.type)
     elif backend == "triton":
         if not triton_available():

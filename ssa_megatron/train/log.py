@@ -52,7 +52,8 @@ class StepLogger:
 
     def log_step(self, record, seconds: float) -> None:
         self._total_seconds += seconds
-        if not self.enabled or record.iteration % self.cfg.train.log_interval:
+        last = record.iteration == self.cfg.train.train_iters
+        if not self.enabled or (record.iteration % self.cfg.train.log_interval and not last):
             return
         total = self.cfg.train.train_iters
         eta = self._total_seconds / record.iteration * (total - record.iteration)

@@ -12,16 +12,15 @@ from __future__ import annotations
 import argparse
 import datetime
 import json
-import os
-import socket
-import subprocess
 import sys
 import tempfile
 from pathlib import Path
 
 import torch
 
-HERE = Path(__file__).parent
+sys.path.insert(0, str(Path(__file__).parents[1]))  # tests/
+from distributed.launch import launch_layout  # noqa: E402
+
 MODEL = {"num_layers": 8, "hidden_size": 512, "ffn_hidden_size": 1536, "num_attention_heads": 8,
          "num_query_groups": 2, "seq_length": 1024}
 SSA = {"block_size": 16, "top_k": 8}
@@ -29,18 +28,8 @@ TRAIN = {"dtype": "bf16", "device": "cuda", "micro_batch_size": 2, "global_batch
 LAYOUTS = {"tp2": {"tensor_model_parallel_size": 2}, "pp2": {"pipeline_model_parallel_size": 2}}
 
 
-def _port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def launch(nproc, layout, init, out, steps):
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(nproc), "--master-port", str(_port()),
-           str(HERE / "run_layout.py"), "--layout", json.dumps(layout), "--model", json.dumps(MODEL),
-           "--ssa", json.dumps(SSA), "--train", json.dumps(TRAIN), "--steps", str(steps), "--init", str(init), "--out", str(out)]
-    subprocess.run(cmd, check=True)
-    return torch.load(out)
+    return launch_layout(nproc, init, out, steps=steps, layout=layout, model=MODEL, ssa=SSA, train=TRAIN)
 
 
 def rel(a, b):

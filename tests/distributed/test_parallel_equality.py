@@ -7,17 +7,12 @@ alignment losses and the final weights must match the one-process run.
 
 from __future__ import annotations
 
-import json
-import os
-import socket
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
+from distributed.launch import launch_layout
 
-SCRIPT = Path(__file__).with_name("run_layout.py")
 STEPS = 3
 TRAIN = {"micro_batch_size": 2, "global_batch_size": 8}  # 4 micro-batches per step on one process
 # Float32 on CPU: reduction order differs between layouts (TP all-reduce, DP averaging), and Adam
@@ -26,24 +21,9 @@ LOSS_RTOL = 1e-5
 WEIGHT_ATOL = 2e-5
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def launch(nproc: int, layout: dict, init: Path, out: Path) -> dict:
-    command = [
-        sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(nproc),
-        "--master-addr", "127.0.0.1", "--master-port", str(_free_port()), str(SCRIPT),
-        "--layout", json.dumps(layout), "--train", json.dumps(TRAIN), "--steps", str(STEPS),
-        "--init", str(init), "--out", str(out),
-    ]
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
-    result = subprocess.run(command, capture_output=True, text=True, timeout=900, env=env)
-    if result.returncode != 0:
-        raise AssertionError(f"layout {layout} failed:\n{result.stdout[-3000:]}\n{result.stderr[-6000:]}")
-    return torch.load(out)
+    env = {"OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
+    return launch_layout(nproc, init, out, steps=STEPS, env=env, layout=layout, train=TRAIN)
 
 
 @pytest.fixture(scope="module")

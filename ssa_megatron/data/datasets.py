@@ -14,8 +14,10 @@ import contextlib
 import logging
 import os
 
+import numpy as np
+
 from ssa_megatron.data.config import DataConfig, parse_blend
-from ssa_megatron.data.indexed_format import read_index
+from ssa_megatron.data.indexed_format import bin_path, read_index
 
 log = logging.getLogger(__name__)
 
@@ -33,6 +35,24 @@ def check_prefixes(prefixes: list[str], vocab_size: int) -> None:
             raise ValueError(f"data.data_path: {prefix} stores uint16 tokens but the tokenizer has "
                              f"{vocab_size} ids; it was preprocessed with another tokenizer, set "
                              "data.tokenizer to that one or re-run preprocessing")
+        _check_token_ids(prefix, index, vocab_size)
+
+
+# Tokens read per prefix for the id check: enough to meet any id of a different tokenizer, O(1) I/O.
+_ID_CHECK_TOKENS = 1 << 20
+
+
+def _check_token_ids(prefix: str, index, vocab_size: int) -> None:
+    """An id >= the tokenizer's vocabulary means the data was tokenised with another tokenizer."""
+    count = min(index.num_tokens, _ID_CHECK_TOKENS)
+    if count == 0:
+        return
+    head = np.memmap(bin_path(prefix), dtype=index.dtype, mode="r", shape=(count,))
+    largest = int(head.max())
+    if largest >= vocab_size:
+        raise ValueError(f"data.data_path: {bin_path(prefix)} holds token id {largest} but the tokenizer "
+                         f"(data.tokenizer) has {vocab_size} ids: the data was preprocessed with another "
+                         "tokenizer; set data.tokenizer to that one or re-run preprocessing")
 
 
 @contextlib.contextmanager

@@ -103,6 +103,17 @@ def test_missing_or_truncated_prefixes_fail_before_megatron_with_the_file_name(t
         build_datasets(truncated, seq_length=8, seed=0, num_samples=(1, 0, 0), tokenizer=tok)
 
 
+def test_data_from_another_tokenizer_fails_naming_the_file(two_prefixes, tokenizer_dir):
+    """Token ids beyond the tokenizer's vocabulary: the data was preprocessed with another tokenizer."""
+    tok = load_tokenizer(tokenizer_dir)
+    largest = int(np.fromfile(two_prefixes[0] + ".bin", dtype=np.uint16).max())
+    smaller = type("SmallerTokenizer", (), {"vocab_size": largest, "eod": tok.eod})()
+    config = DataConfig(data_path=[two_prefixes[0]], tokenizer=tokenizer_dir)
+    with pytest.raises(ValueError, match=rf"{os.path.basename(two_prefixes[0])}\.bin holds token id {largest} "
+                                         rf"but the tokenizer .* has {largest} ids"):
+        build_datasets(config, seq_length=8, seed=0, num_samples=(1, 0, 0), tokenizer=smaller)
+
+
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

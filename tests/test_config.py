@@ -56,7 +56,7 @@ def test_missing_config_file_names_the_path(tmp_path):
 
 def test_overrides_replace_yaml_values(tmp_path):
     path = tmp_path / "run.yaml"
-    path.write_text("train:\n  train_iters: 5\n")
+    path.write_text("model:\n  num_layers: 4\ntrain:\n  train_iters: 5\n")
     cfg = load_config(path, {"train": {"train_iters": 9}, "parallel": {"tensor_model_parallel_size": 2}})
     assert cfg.train.train_iters == 9 and cfg.parallel.tensor_model_parallel_size == 2
 

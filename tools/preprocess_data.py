@@ -38,6 +38,8 @@ def main(argv=None) -> int:
     p.add_argument("--shard-size", type=parse_size, default=None,
                    help="input bytes per shard, e.g. 256M (default: ~4 shards per worker, 1M-256M)")
     p.add_argument("--strict", action="store_true", help="fail on malformed records instead of skipping")
+    p.add_argument("--skip-missing-keys", action="store_true",
+                   help="skip (and count) JSONL records without a --json-keys key instead of failing")
     p.add_argument("--task-index", type=int, default=0)
     p.add_argument("--task-count", type=int, default=1)
     p.add_argument("--no-merge", dest="merge", action="store_false", help="leave the shards unmerged")
@@ -50,7 +52,8 @@ def main(argv=None) -> int:
         json_keys=tuple(args.json_keys), input_format=args.input_format,
         text_separator=args.text_separator, workers=args.workers, append_eod=args.append_eod,
         dtype=args.dtype, backend=args.backend, allow_inexact=args.allow_inexact,
-        shard_size=args.shard_size, strict=args.strict, task_index=args.task_index,
+        shard_size=args.shard_size, strict=args.strict, skip_missing_keys=args.skip_missing_keys,
+        task_index=args.task_index,
         task_count=args.task_count, merge=args.merge, keep_shards=args.keep_shards,
         progress=args.progress)
     try:

@@ -45,6 +45,10 @@ def main(argv=None) -> int:
         return 2
     if stats.malformed:
         print(f"skipped {stats.malformed} malformed records, e.g. {stats.examples[0]}", file=sys.stderr)
+    if tok.vocab_size < args.vocab_size:
+        print(f"warning: the vocabulary has {tok.vocab_size} tokens, fewer than --vocab-size {args.vocab_size}: "
+              "the corpus has no more merges to learn; train on more text (--max-bytes, more --input) "
+              "or ask for a smaller --vocab-size", file=sys.stderr)
     print(f"wrote {args.output_dir}: vocab {tok.vocab_size}, eos/eod {tok.eod}, bos {tok.bos}, pad {tok.pad}")
     return 0
 

@@ -16,8 +16,8 @@ import os
 
 import numpy as np
 
-from ssa_megatron.data.config import DataConfig, parse_blend
-from ssa_megatron.data.indexed_format import bin_path, read_index
+from ssa_megatron.data.config import DataConfig, parse_blend, parse_split
+from ssa_megatron.data.indexed_format import bin_path, read_header, read_index
 
 log = logging.getLogger(__name__)
 
@@ -53,6 +53,42 @@ def _check_token_ids(prefix: str, index, vocab_size: int) -> None:
         raise ValueError(f"data.data_path: {bin_path(prefix)} holds token id {largest} but the tokenizer "
                          f"(data.tokenizer) has {vocab_size} ids: the data was preprocessed with another "
                          "tokenizer; set data.tokenizer to that one or re-run preprocessing")
+
+
+SPLIT_NAMES = ("train", "validation", "test")
+
+
+def check_splits(prefixes: list[str], split: str) -> None:
+    """Refuse a split with a weight but no documents of some prefix, before Megatron's builder.
+
+    Megatron cuts each prefix's documents at ``round(fraction x documents)`` (the same arithmetic
+    is used here); a split that gets zero documents makes ``GPTDataset`` loop forever looking for
+    tokens, even when that split needs no samples. A split with weight 0 is not built at all.
+    """
+    from megatron.core.datasets.blended_megatron_dataset_config import (convert_split_vector_to_split_matrix,
+                                                                        parse_and_normalize_split)
+
+    parse_split(split)  # our message for a malformed split
+    matrix = convert_split_vector_to_split_matrix(parse_and_normalize_split(split))
+    for prefix in prefixes:
+        try:
+            documents = read_header(prefix).sequence_count
+        except FileNotFoundError as e:
+            raise FileNotFoundError(f"data.data_path: {e}") from None
+        except ValueError as e:
+            raise ValueError(f"data.data_path: {e}") from None
+        for name, bookends in zip(SPLIT_NAMES, matrix):
+            if bookends is None:
+                continue
+            count = int(round(bookends[1] * float(documents))) - int(round(bookends[0] * float(documents)))
+            if count > 0:
+                continue
+            fix = ("give it no weight (e.g. data.split: '100,0,0' with train.eval_interval: 0)"
+                   if name != "train" else "give the train split most of the weight (e.g. '98,2,0')")
+            raise ValueError(
+                f"data.split={split!r}: the {name} split gets 0 of the {documents} document(s) of {prefix} "
+                f"(Megatron splits each dataset by document): preprocess more documents (e.g. "
+                f"--text-separator cuts a text file into documents) or {fix}")
 
 
 @contextlib.contextmanager
@@ -91,6 +127,7 @@ def build_datasets(config: DataConfig, *, seq_length: int, seed: int, num_sample
                          "three non-negative counts (train, valid, test)")
     prefixes, weights = parse_blend(config.data_path)
     check_prefixes(prefixes, tokenizer.vocab_size)
+    check_splits(prefixes, config.split)
     gpt_config = GPTDatasetConfig(
         random_seed=seed,
         sequence_length=seq_length,

@@ -27,7 +27,7 @@ from ssa_megatron.data.encoders import BACKENDS, append_eod, make_encoder
 from ssa_megatron.data.exactness import check_exactness, sample_texts
 from ssa_megatron.data.indexed_format import token_dtype
 from ssa_megatron.data.indexed_writer import IndexedWriter, remove_temporaries
-from ssa_megatron.data.inputs import Shard, plan_shards, resolve_inputs, splittable_separator
+from ssa_megatron.data.inputs import Shard, input_identity, plan_shards, resolve_inputs, splittable_separator
 from ssa_megatron.data.readers import ReadStats, iter_documents
 from ssa_megatron.data.shards import (done_marker, merge_shards, merged_outputs, read_plan, save_plan,
                                       shard_is_done, shard_prefix, write_json_atomic)
@@ -55,6 +55,7 @@ class PreprocessConfig:
     shard_size: int | None = None  # input bytes per shard; None: auto (see auto_shard_size)
     batch_size: int = 4 << 20  # text bytes per encode batch
     strict: bool = False  # malformed records fail instead of being counted and skipped
+    skip_missing_keys: bool = False  # JSONL records without a --json-keys key: count and skip, not fail
     task_index: int = 0  # this SLURM array task; it takes shards i with i % task_count == index
     task_count: int = 1
     merge: bool = True  # merge all shards into the final outputs when every shard is done
@@ -97,11 +98,15 @@ class ShardStats:
     empty: int = 0
     fallbacks: int = 0  # documents the fast backend left to hf (see GigatokenEncoder)
     examples: list[str] = field(default_factory=list)
+    missing_keys: int = 0  # records without a --json-keys key, skipped (--skip-missing-keys)
+    missing_example: str | None = None
 
     def add(self, other: "ShardStats") -> None:
-        for name in ("documents", "tokens", "bytes_in", "bytes_out", "malformed", "empty", "fallbacks"):
+        for name in ("documents", "tokens", "bytes_in", "bytes_out", "malformed", "empty", "fallbacks",
+                     "missing_keys"):
             setattr(self, name, getattr(self, name) + getattr(other, name))
         self.examples.extend(other.examples[: max(0, 5 - len(self.examples))])
+        self.missing_example = self.missing_example or other.missing_example
 
 
 @dataclass(frozen=True)
@@ -116,6 +121,7 @@ class Job:
     text_separator: str | None
     strict: bool
     batch_size: int
+    skip_missing_keys: bool = False
 
 
 def process_shard(job: Job, encoder, report) -> ShardStats:
@@ -150,7 +156,7 @@ def process_shard(job: Job, encoder, report) -> ShardStats:
         size = 0  # characters in the batch
         for piece in job.shard.pieces:
             for doc in iter_documents(piece, job.keys, read, text_separator=job.text_separator,
-                                      strict=job.strict):
+                                      strict=job.strict, skip_missing_keys=job.skip_missing_keys):
                 batch.append(doc)
                 size += len(doc[0])
                 if size >= job.batch_size:
@@ -167,6 +173,7 @@ def process_shard(job: Job, encoder, report) -> ShardStats:
         raise
     stats.bytes_out = sum(w.num_tokens * w.dtype.itemsize for w in writers)
     stats.malformed, stats.examples = read.malformed, read.examples
+    stats.missing_keys, stats.missing_example = read.missing_keys, read.missing_example
     stats.fallbacks = encoder.fallbacks - fallbacks_before
     write_json_atomic(done_marker(job.shards_dir, index), asdict(stats))
     return stats
@@ -250,6 +257,7 @@ class Summary:
     fallbacks: int
     dtype: str
     backend: str
+    missing_keys: int
     mismatched: int | None  # gigatoken vs hf on the sample; None for the hf backend
     sampled: int | None
     outputs: list[str]
@@ -264,6 +272,8 @@ class Summary:
                  f"{self.seconds:.1f} s", f"{self.tokens_per_second / 1e6:.2f}M tokens/s (this run)",
                  f"shards {self.shards_run} run + {self.shards_skipped} already done of {self.shards_total}",
                  f"{self.malformed} malformed and {self.empty} empty records skipped"]
+        if self.missing_keys:
+            parts.append(f"{self.missing_keys} records without the key skipped (--skip-missing-keys)")
         if self.mismatched is not None:
             parts.append(f"{self.backend} vs hf: {self.mismatched}/{self.sampled} sampled documents differ "
                          f"({100 * self.mismatched / max(self.sampled, 1):.3f}%), {self.fallbacks} documents "
@@ -299,7 +309,8 @@ def run_preprocess(config: PreprocessConfig) -> Summary:
     save_plan(config.shards_dir, {
         "tokenizer_sha256": tokenizer.fingerprint, "dtype": dtype.name, "keys": list(keys),
         "append_eod": config.append_eod, "backend": config.backend, "text_separator": config.text_separator,
-        "input_format": config.input_format, "shard_size": shard_size}, shards)
+        "input_format": config.input_format, "shard_size": shard_size}, shards,
+        [input_identity(f) for f in files])
     mismatched = sampled = None
     if config.backend != "hf":
         texts = sample_texts(shards, keys, config.exactness_sample, config.text_separator)
@@ -310,7 +321,7 @@ def run_preprocess(config: PreprocessConfig) -> Summary:
     todo = [] if merged else [s for s in mine if not shard_is_done(config.shards_dir, keys, s.index)]
     eod = tokenizer.eod if config.append_eod else None
     jobs = [Job(s, config.shards_dir, keys, dtype.name, eod, config.text_separator, config.strict,
-                config.batch_size) for s in todo]
+                config.batch_size, config.skip_missing_keys) for s in todo]
     progress = _Progress(sum(s.size for s in todo), config.progress)
     try:
         _run_jobs(jobs, config, tokenizer.tokenizer_json, progress)
@@ -325,12 +336,17 @@ def run_preprocess(config: PreprocessConfig) -> Summary:
             total.add(ShardStats(**json.load(f)))
     if total.documents == 0 and config.task_count == 1:
         shutil.rmtree(config.shards_dir)  # nothing worth keeping
-        raise ValueError(f"no documents found in {', '.join(config.inputs)} (every record was empty "
-                         f"or malformed: {total.malformed} malformed, {total.empty} empty); check the "
-                         "inputs and --json-keys")
+        raise ValueError(f"no documents found in {', '.join(config.inputs)} (every record was empty, "
+                         f"malformed or without the key: {total.malformed} malformed, {total.empty} empty, "
+                         f"{total.missing_keys} without the key); check the inputs and --json-keys")
     if total.malformed:
-        log.warning("skipped %d malformed records (--strict makes them fatal), e.g.:\n  %s",
-                    total.malformed, "\n  ".join(total.examples))
+        more = total.malformed - len(total.examples)
+        log.warning("skipped %d malformed records (--strict makes them fatal); the first %d:\n  %s%s",
+                    total.malformed, len(total.examples), "\n  ".join(total.examples),
+                    f"\n  ... and {more} more" if more > 0 else "")
+    if total.missing_keys:
+        log.warning("skipped %d records without the key (--skip-missing-keys), e.g. %s",
+                    total.missing_keys, total.missing_example)
     outputs: list[str] = merged or []
     # Only a single-task run merges by itself: concurrent array tasks would race on the outputs.
     if config.merge and not merged and config.task_count == 1:
@@ -340,4 +356,4 @@ def run_preprocess(config: PreprocessConfig) -> Summary:
                    bytes_in=total.bytes_in, seconds=time.perf_counter() - start,
                    shards_total=len(shards), shards_run=len(todo), shards_skipped=len(mine) - len(todo),
                    malformed=total.malformed, empty=total.empty, fallbacks=total.fallbacks, dtype=dtype.name,
-                   backend=config.backend, mismatched=mismatched, sampled=sampled, outputs=outputs)
+                   backend=config.backend, missing_keys=total.missing_keys, mismatched=mismatched, sampled=sampled, outputs=outputs)

@@ -2,8 +2,9 @@
 
 ``iter_documents`` yields one tuple of texts per document (one text per key) and never holds
 more than a read chunk plus one record in memory. Bad records are counted in ``ReadStats``
-(the first few described, for the caller's warning) and skipped, or raise with ``strict``; a
-missing key is always an error since it almost always means a wrong ``--json-keys``.
+(the first few described by file and line, for the caller's warning) and skipped, or raise with
+``strict``; a missing key is an error (it almost always means a wrong ``--json-keys``) unless
+``skip_missing_keys``, then such records are counted apart and skipped.
 """
 
 from __future__ import annotations
@@ -29,6 +30,8 @@ class ReadStats:
     bytes: int = 0
     malformed: int = 0
     examples: list[str] = field(default_factory=list)
+    missing_keys: int = 0  # records without a --json-keys key (skipped with skip_missing_keys)
+    missing_example: str | None = None
 
 
 class MalformedInput(ValueError):
@@ -111,6 +114,28 @@ def _line_number(piece: Piece, offset: int) -> str:
     return f"line {lines}"
 
 
+class _Locator:
+    """``file:line N`` of a record. From a piece that starts the file, lines are counted as records
+    stream by (also inside compressed files); a piece starting mid-file counts on demand."""
+
+    def __init__(self, piece: Piece, sep: bytes):
+        self.piece, self.sep = piece, sep
+        self.next_line = 1 if piece.start == 0 else None
+        self.line = self.offset = 0
+
+    def begin(self, offset: int, record: bytes) -> None:
+        """Call for every record, in order, before ``where``."""
+        self.offset = offset
+        if self.next_line is not None:
+            self.line = self.next_line
+            self.next_line += 1 if self.sep == b"\n" else record.count(b"\n") + self.sep.count(b"\n")
+
+    def where(self) -> str:
+        if self.next_line is not None:
+            return f"{self.piece.path}:line {self.line}"
+        return f"{self.piece.path}:{_line_number(self.piece, self.offset)}"
+
+
 def _malformed(stats: ReadStats, strict: bool, where: Callable[[], str], why: str) -> None:
     """Count a bad record (describing the first few), or raise in strict mode. ``where`` is
     computed only when used (counting lines is slow)."""
@@ -122,34 +147,38 @@ def _malformed(stats: ReadStats, strict: bool, where: Callable[[], str], why: st
         stats.examples.append(f"{where()}: {why}")
 
 
-def _jsonl_documents(piece: Piece, keys: tuple[str, ...], stats: ReadStats,
-                     strict: bool) -> Iterator[tuple[str, ...]]:
+def _jsonl_documents(piece: Piece, keys: tuple[str, ...], stats: ReadStats, strict: bool,
+                     skip_missing_keys: bool = False) -> Iterator[tuple[str, ...]]:
+    locator = _Locator(piece, b"\n")
+    where = locator.where
     for offset, record in iter_records(piece, b"\n", stats):
+        locator.begin(offset, record)
         if not record.strip():
             continue
         try:
             obj = json.loads(record)
         except ValueError as e:
-            _malformed(stats, strict, lambda: f"{piece.path}:{_line_number(piece, offset)}",
-                       f"not valid JSON ({e})")
+            _malformed(stats, strict, where, f"not valid JSON ({e})")
             continue
         if not isinstance(obj, dict):
-            _malformed(stats, strict, lambda: f"{piece.path}:{_line_number(piece, offset)}",
-                       f"a JSON {type(obj).__name__}, not an object")
+            _malformed(stats, strict, where, f"a JSON {type(obj).__name__}, not an object")
             continue
         try:
             texts = tuple(obj[k] for k in keys)
         except KeyError as e:
-            raise ValueError(
-                f"{piece.path}:{_line_number(piece, offset)}: no key {e.args[0]!r} in the JSON object "
-                f"(its keys: {', '.join(map(repr, list(obj)[:10]))}); pass --json-keys with the "
-                "key that holds the text") from None
+            message = (f"{where()}: no key {e.args[0]!r} in the JSON object (its keys: "
+                       f"{', '.join(map(repr, list(obj)[:10]))})")
+            if not skip_missing_keys:
+                raise ValueError(f"{message}; pass --json-keys with the key that holds the text, or "
+                                 "--skip-missing-keys to skip and count such records") from None
+            stats.missing_keys += 1
+            stats.missing_example = stats.missing_example or message
+            continue
         if not all(isinstance(t, str) for t in texts):
-            _malformed(stats, strict, lambda: f"{piece.path}:{_line_number(piece, offset)}",
-                       f"the value of {keys} is not a string")
+            _malformed(stats, strict, where, f"the value of {keys} is not a string")
             continue
         if any(not t.isascii() and _SURROGATE.search(t) for t in texts):  # JSON "\ud800" escapes
-            _malformed(stats, strict, lambda: f"{piece.path}:{_line_number(piece, offset)}",
+            _malformed(stats, strict, where,
                        "text holds a lone UTF-16 surrogate (invalid Unicode, no tokenizer accepts it)")
             continue
         yield texts
@@ -162,16 +191,18 @@ def _text_documents(piece: Piece, separator: str | None, stats: ReadStats,
         with raw, f:
             records = [(0, f.read())]
         stats.bytes += piece.size
+        locator = _Locator(piece, b"")
     else:
         records = iter_records(piece, separator.encode("utf-8"), stats)
+        locator = _Locator(piece, separator.encode("utf-8"))
     for offset, record in records:
+        locator.begin(offset, record)
         if not record:
             continue
         try:
             yield (record.decode("utf-8"),)
         except UnicodeDecodeError as e:
-            _malformed(stats, strict, lambda: f"{piece.path}:{_line_number(piece, offset)}",
-                       f"not UTF-8 text ({e})")
+            _malformed(stats, strict, locator.where, f"not UTF-8 text ({e})")
 
 
 def _parquet_documents(piece: Piece, keys: tuple[str, ...], stats: ReadStats,
@@ -199,10 +230,11 @@ def _parquet_documents(piece: Piece, keys: tuple[str, ...], stats: ReadStats,
 
 
 def iter_documents(piece: Piece, keys: tuple[str, ...], stats: ReadStats, *,
-                   text_separator: str | None = None, strict: bool = False) -> Iterator[tuple[str, ...]]:
+                   text_separator: str | None = None, strict: bool = False,
+                   skip_missing_keys: bool = False) -> Iterator[tuple[str, ...]]:
     """Documents of one piece as tuples aligned with ``keys`` (text files have one text)."""
     if piece.format == "jsonl":
-        return _jsonl_documents(piece, keys, stats, strict)
+        return _jsonl_documents(piece, keys, stats, strict, skip_missing_keys)
     if piece.format == "parquet":
         return _parquet_documents(piece, keys, stats, strict)
     return _text_documents(piece, text_separator, stats, strict)

@@ -2,7 +2,7 @@
 
 For ``--output-prefix out/corpus`` and ``--json-keys text``::
 
-    out/corpus.shards/plan.json             inputs cut into shards + the settings (restart check)
+    out/corpus.shards/plan.json             inputs (identity) cut into shards + the settings (restart check)
     out/corpus.shards/text-00007.{bin,idx}  shard 7, written by one worker
     out/corpus.shards/00007.done.json       shard 7's counters, written after its files: "finished"
     out/corpus.shards/merged.json           written after a complete merge
@@ -23,7 +23,7 @@ from ssa_megatron.data.inputs import Shard
 from ssa_megatron.data.merge import merge_datasets
 
 log = logging.getLogger(__name__)
-PLAN_VERSION = 1
+PLAN_VERSION = 2  # 2: the inputs' identity (size, mtime, content fingerprint) is part of the plan
 
 
 def output_prefix_for(output_prefix: str, key: str) -> str:
@@ -70,18 +70,40 @@ def read_plan(shards_dir: str) -> dict | None:
         return json.load(f)
 
 
-def save_plan(shards_dir: str, settings: dict, shards: list[Shard]) -> None:
-    """Persist the plan; on restart refuse to mix shards of different inputs or settings."""
+def _input_changes(old: list[dict], new: list[dict]) -> str:
+    """What changed between two lists of ``inputs.input_identity`` records, or "" if nothing."""
+    before, after = {i["path"]: i for i in old}, {i["path"]: i for i in new}
+    changes = [f"input {p} added" for p in after if p not in before]
+    changes += [f"input {p} removed" for p in before if p not in after]
+    for path in after.keys() & before.keys():
+        a, b = before[path], after[path]
+        reasons = ([f"size {a['size']} -> {b['size']} bytes"] if a["size"] != b["size"] else []) + \
+                  (["modification time"] if a["mtime_ns"] != b["mtime_ns"] else []) + \
+                  (["content"] if a["sha256"] != b["sha256"] else [])
+        if reasons:
+            changes.append(f"input {path} changed since that run ({', '.join(reasons)})")
+    return "; ".join(sorted(changes))
+
+
+def save_plan(shards_dir: str, settings: dict, shards: list[Shard], inputs: list[dict] | None = None) -> None:
+    """Persist the plan; on restart refuse to mix shards of different inputs or settings.
+
+    ``inputs`` (``inputs.input_identity`` per file) makes an edited input a refusal, even after a
+    finished merge: the outputs would otherwise be kept as "already done" but stale.
+    """
     os.makedirs(shards_dir, exist_ok=True)
-    plan = {"settings": {"version": PLAN_VERSION, **settings}, "shards": [s.to_json() for s in shards]}
+    plan = {"settings": {"version": PLAN_VERSION, **settings}, "inputs": inputs or [],
+            "shards": [s.to_json() for s in shards]}
     old = read_plan(shards_dir)
     if old is None:
         write_json_atomic(plan_path(shards_dir), plan)
     elif old != plan:
         changed = [k for k in plan["settings"] if old.get("settings", {}).get(k) != plan["settings"][k]]
+        what = f"{', '.join(changed)} changed" if changed else (
+            _input_changes(old.get("inputs", []), plan["inputs"]) or "input files changed")
         raise ValueError(
-            f"{shards_dir} holds shards of a different run ({', '.join(changed or ['input files'])} changed); "
-            "delete that directory to start over, or use another --output-prefix")
+            f"{shards_dir} holds shards of a different run ({what}); its outputs would be stale: delete that "
+            "directory to start over, or use another --output-prefix")
 
 
 def _merged_marker(shards_dir: str) -> str:

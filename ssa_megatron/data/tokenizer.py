@@ -57,12 +57,23 @@ class Tokenizer:
         with open(self.tokenizer_json, "rb") as f:
             raw = f.read()
         self.fingerprint = hashlib.sha256(raw).hexdigest()[:16]
-        self._tok = tokenizers.Tokenizer.from_str(raw.decode("utf-8"))
+        try:
+            self._tok = tokenizers.Tokenizer.from_str(raw.decode("utf-8"))
+        except Exception as e:  # the tokenizers library raises plain Exception with a serde message
+            raise ValueError(f"tokenizer {path!r}: {self.tokenizer_json} is not a Hugging Face tokenizer file "
+                             f"({' '.join(str(e).split())}); pass a tokenizer directory saved by HF "
+                             "tokenizers/transformers or tools/train_tokenizer.py") from None
         config_path = os.path.join(self.path, TOKENIZER_CONFIG)
         config = {}
         if os.path.isfile(config_path):
-            with open(config_path) as f:
-                config = json.load(f)
+            try:
+                with open(config_path, encoding="utf-8") as f:
+                    config = json.load(f)
+            except ValueError as e:  # JSONDecodeError, UnicodeDecodeError
+                raise ValueError(f"tokenizer {path!r}: {config_path} is not valid JSON ({e}); fix or "
+                                 "delete it (it names the special tokens)") from None
+            if not isinstance(config, dict):
+                raise ValueError(f"tokenizer {path!r}: {config_path} must hold a JSON object")
         self.vocab_size = self._tok.get_vocab_size(with_added_tokens=True)
         self.eod = self._special_id(config, "eos_token", required=True)
         self.bos = self._special_id(config, "bos_token", required=False)

@@ -6,7 +6,9 @@ tensor-parallel rank, hn head dim. In: query ``[sq, b, np, hn]``, key/value ``[s
 
 Per forward (one micro-batch, see ``step_state.py``):
 - ``training_mode=ssa`` in training: both streams, gated, their alignment loss recorded and
-  attached to the output (``alignment.py``); the drawn mode's stream is returned.
+  attached to the output (``alignment.py``); the drawn mode's stream is returned. Under activation
+  recompute the first forward runs without autograd and computes only the returned stream; the
+  recompute in backward computes both (so the loss is recorded once per micro-batch).
 - ``training_mode=full|sparse`` in training, or any mode outside training: only that stream.
 """
 
@@ -89,17 +91,15 @@ class SSACoreAttention(MegatronModule):
         # Megatron hands in the gate as [sq, b, np]; -> [b, sq, np, 1]
         gate = None if self._gate is None else self._gate.permute(1, 0, 2).unsqueeze(-1)
 
-        training_both = self.training and self.ssa.training_mode == "ssa"
-        if self.training and not training_both:
-            mode = self.ssa.training_mode
-        else:
-            mode = self.step_state.mode
-        o_full = self._full(q, k, v, gate) if training_both or mode == "full" else None
-        o_sparse = self._sparse(q, k, v, gate) if training_both or mode == "sparse" else None
+        # attention_mask carries the micro-batch's stream (see step_state.py); attention itself is causal
+        mode = self.step_state.stream(self.training, attention_mask)
+        both = self.step_state.computes_both_streams(self.training)
+        o_full = self._full(q, k, v, gate) if both or mode == "full" else None
+        o_sparse = self._sparse(q, k, v, gate) if both or mode == "sparse" else None
         out = o_full if mode == "full" else o_sparse
 
-        if training_both and torch.is_grad_enabled():
-            loss = ops.alignment_loss(o_full, o_sparse)
+        if both:
+            loss = ops.alignment_loss(o_full, o_sparse, backend=self.ssa.backend)
             self.step_state.record_alignment(self.layer_number, loss)
             out = attach_aux_loss(out, loss, self.step_state.alignment_grad_scale)
         # [b, sq, np, hn] -> [sq, b, np * hn]

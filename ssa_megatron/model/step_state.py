@@ -1,8 +1,13 @@
 """State every SSA core attention of one model replica shares during a training step.
 
-The trainer owns one :class:`SSAStepState` per process and hands it to the layer spec; the
-core attentions read the mode of the current micro-batch from it and record their alignment
-losses into it. Nothing here communicates: reductions for logging live in ``metrics.py``.
+The trainer owns one :class:`SSAStepState` per process and hands it to the layer spec. It is the
+one owner of the full/sparse decision (:meth:`SSAStepState.stream`); the core attentions record
+their alignment losses into it. Nothing here communicates: reductions live in ``train/metrics.py``.
+
+The stream of a micro-batch travels *with* the micro-batch: the trainer passes
+:meth:`SSAStepState.stream_tag` as the model's ``attention_mask`` argument (SSA attention is causal
+and has no other use for it), so a layer recomputed during backward (activation recompute under
+1F1B, where later micro-batches have already been drawn) computes the stream of its own micro-batch.
 """
 
 from __future__ import annotations
@@ -21,6 +26,14 @@ def draw_mode(seed: int, iteration: int, microbatch: int) -> str:
     """
     generator = np.random.default_rng([seed, iteration, microbatch])
     return "sparse" if generator.random() < 0.5 else "full"
+
+
+STREAMS = ("full", "sparse")
+
+
+def stream_tag(mode: str) -> torch.Tensor:
+    """A CPU tensor naming the stream (reading it back never waits for a GPU)."""
+    return torch.tensor([STREAMS.index(mode)], dtype=torch.int8)
 
 
 class SSAStepState:
@@ -44,14 +57,33 @@ class SSAStepState:
         self.microbatches = 0
 
     def begin_microbatch(self, seed: int, iteration: int, microbatch: int) -> None:
-        """Set the stream for the forward pass of one micro-batch (all layers of this chunk)."""
+        """Set the training stream of one micro-batch: drawn under ``ssa``, fixed for the baselines."""
         if self.ssa.training_mode == "ssa":
             self.mode = draw_mode(seed, iteration, microbatch)
+        else:
+            self.mode = self.ssa.training_mode
         self.microbatches += 1
         self.sparse_microbatches += self.mode == "sparse"
 
-    def use_inference_mode(self) -> None:
-        self.mode = self.ssa.attention_mode
+    def stream_tag(self) -> torch.Tensor:
+        """The current micro-batch's stream, to pass as the model's ``attention_mask``."""
+        return stream_tag(self.mode)
+
+    def use_inference_mode(self, mode: str | None = None) -> None:
+        """Streams outside training: ``mode`` (full|sparse), ``ssa.attention_mode`` by default."""
+        self.mode = mode or self.ssa.attention_mode
+
+    def stream(self, training: bool, tag: torch.Tensor | None = None) -> str:
+        """The stream that feeds the residual: the baselines' own in training, else the tag, else the current mode."""
+        if training and self.ssa.training_mode != "ssa":
+            return self.ssa.training_mode
+        if training and tag is not None:
+            return STREAMS[int(tag.reshape(-1)[0])]
+        return self.mode
+
+    def computes_both_streams(self, training: bool) -> bool:
+        """SSA training with autograd on: both streams and their alignment loss (else only the residual's)."""
+        return training and self.ssa.training_mode == "ssa" and torch.is_grad_enabled()
 
     @property
     def alignment_grad_scale(self) -> float:

@@ -8,7 +8,8 @@ RoPE; ``Tensor.cuda()``; ``torch.cuda.synchronize``/``current_stream``. This mod
   ``Tensor.to``/``Tensor.cuda`` to the CPU (no Megatron source is patched for these);
 - ``Tensor.type()`` reports CPU tensors by their CUDA names (grad clipping asserts
   ``'torch.cuda.FloatTensor'``);
-- ``torch.cuda.current_device``/``synchronize``/``current_stream`` replaced by CPU stand-ins.
+- ``torch.cuda.current_device``/``synchronize``/``current_stream``/``Stream`` and the CUDA RNG
+  state getter (activation recompute) replaced by CPU stand-ins.
 
 Runs on CPU use fp32 (bf16 matmuls there are 5-25x slower), which keeps Megatron's mixed-precision
 optimizer (and its fp16/bf16 type checks) out of the way.
@@ -52,7 +53,11 @@ class _CudaToCpu(TorchFunctionMode):
 
 
 class _NullStream:
-    """Stands in for ``torch.cuda.Stream``: work on CPU is already ordered."""
+    """Stands in for ``torch.cuda.Stream`` (a class, so annotations like ``Stream | None`` still work
+    in other libraries): work on CPU is already ordered."""
+
+    def __init__(self, *args, **kwargs):
+        pass
 
     def wait_stream(self, _other):
         pass
@@ -80,7 +85,10 @@ def enable_cpu_support() -> None:
     torch.cuda.current_device = lambda: 0  # mapped to the CPU by the mode
     torch.cuda.synchronize = lambda *a, **k: None
     torch.cuda.current_stream = lambda *a, **k: _NullStream()
-    torch.cuda.Stream = lambda *a, **k: _NullStream()
+    torch.cuda.Stream = _NullStream
+    # Activation recompute saves the CUDA RNG state around each checkpointed layer; dropout is 0
+    # and nothing else draws on the "GPU", so an empty state stands in (Megatron's setter is a no-op here).
+    torch.cuda.random.get_rng_state = lambda device="cuda": torch.empty(0, dtype=torch.uint8)
     torch.cuda.stream = lambda *a, **k: contextlib.nullcontext()
     _mode = _CudaToCpu()
     _mode.__enter__()

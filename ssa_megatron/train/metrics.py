@@ -11,6 +11,7 @@ import torch.distributed as dist
 from megatron.core import parallel_state
 
 from ssa_megatron.config import RunConfig
+from ssa_megatron.model.step_state import STREAMS
 
 
 def model_wide_alignment_loss(layer_losses: torch.Tensor) -> tuple[float, list[float]]:
@@ -45,6 +46,26 @@ def model_wide_lm_loss(microbatch_losses: list[dict], device: torch.device) -> f
     return value.item()
 
 
+def model_wide_lm_loss_by_stream(microbatch_losses: list[dict], device: torch.device) -> dict[str, float]:
+    """Mean LM loss of the step's micro-batches trained in each stream (over DP replicas), on every rank.
+
+    Streams no micro-batch drew this step are absent. Collective on every rank.
+    """
+    # [full loss sum, full count, sparse loss sum, sparse count]
+    sums = torch.zeros(4, dtype=torch.float32, device=device)
+    if parallel_state.is_pipeline_last_stage(ignore_virtual=True):
+        for d in microbatch_losses:
+            if d.get("stream") is not None:
+                slot = 2 * STREAMS.index(d["stream"])
+                sums[slot] += d["lm loss"].float().to(device)
+                sums[slot + 1] += 1
+        dist.all_reduce(sums, group=parallel_state.get_data_parallel_group())
+    last_stage_rank = parallel_state.get_pipeline_model_parallel_last_rank()
+    dist.broadcast(sums, src=last_stage_rank, group=parallel_state.get_pipeline_model_parallel_group())
+    values = sums.tolist()
+    return {stream: values[2 * i] / values[2 * i + 1] for i, stream in enumerate(STREAMS) if values[2 * i + 1]}
+
+
 def flops_per_token(cfg: RunConfig, vocab_size: int) -> float:
     """Model FLOPs (forward + backward = 3x forward) per trained token, for TFLOP/s/GPU.
 
@@ -62,3 +83,19 @@ def flops_per_token(cfg: RunConfig, vocab_size: int) -> float:
     sparse = 4 * hq * d * min(s / 2, cfg.ssa.block_size * cfg.ssa.top_k)
     streams = {"ssa": full + sparse, "full": full, "sparse": sparse}[cfg.ssa.training_mode]
     return 3 * (dense + m.num_layers * streams)
+
+
+# Dense bf16 tensor-core peaks (TFLOP/s, without sparsity) by device name, for MFU.
+_PEAK_BF16_TFLOPS = {"H200": 989.0, "H100": 989.0, "H800": 989.0, "GH200": 989.0, "B200": 2250.0, "B100": 1750.0,
+                     "A100": 312.0, "A800": 312.0, "L40S": 362.0, "A10": 125.0}
+
+
+def peak_bf16_tflops(device: torch.device) -> float | None:
+    """The device's dense bf16 peak if known (None on CPU or an unknown GPU: no MFU is shown)."""
+    if device.type != "cuda":
+        return None
+    name = torch.cuda.get_device_name(device)
+    for key in sorted(_PEAK_BF16_TFLOPS, key=len, reverse=True):
+        if key in name:
+            return _PEAK_BF16_TFLOPS[key]
+    return None

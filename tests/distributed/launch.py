@@ -33,3 +33,33 @@ def launch_layout(nproc: int, init: Path, out: Path, *, steps: int, env: dict | 
     if result.returncode != 0:
         raise RuntimeError(f"{nproc} ranks with {sections} failed:\n{result.stdout[-3000:]}\n{result.stderr[-6000:]}")
     return torch.load(out)
+
+
+RUN_TRAINING = Path(__file__).with_name("run_training.py")
+QUIET = {"OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
+
+
+def torchrun_command(nproc: int, script: Path, *args: str) -> list[str]:
+    return [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(nproc), "--master-addr", "127.0.0.1",
+            "--master-port", str(free_port()), str(script), *args]
+
+
+def read_training_result(out: Path, nproc: int) -> list[dict]:
+    return [json.loads(Path(f"{out}.rank{r}.json").read_text()) for r in range(nproc)]
+
+
+def launch_training(nproc: int, out: Path, expect_exit: int = 0, **sections: dict) -> list[dict]:
+    """Run ``run_training.py`` on ``nproc`` ranks (in this process when 1); every rank's result."""
+    if nproc == 1:
+        from distributed.run_training import run
+
+        code = run(sections, str(out))
+    else:
+        command = torchrun_command(nproc, RUN_TRAINING, "--config", json.dumps(sections), "--out", str(out))
+        result = subprocess.run(command, capture_output=True, text=True, env={**os.environ, **QUIET})
+        code = 0 if result.returncode == 0 else None
+        if result.returncode != 0 and expect_exit == 0:
+            raise RuntimeError(f"{nproc} ranks with {sections} failed:\n{result.stdout[-3000:]}\n{result.stderr[-6000:]}")
+    results = read_training_result(out, nproc)
+    assert all(r["exit_code"] == expect_exit for r in results), ([r["exit_code"] for r in results], code)
+    return results

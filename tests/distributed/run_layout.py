@@ -20,7 +20,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import torch  # noqa: E402
 import torch.distributed as dist  # noqa: E402
 
-from distributed.layout_state import gather_full_state, load_full_state  # noqa: E402
+from ssa_megatron.train.full_state import gather_full_state, load_full_state  # noqa: E402
 from synthetic_data import in_memory_data  # noqa: E402
 from tiny_config import tiny_config  # noqa: E402
 

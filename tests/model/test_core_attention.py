@@ -9,7 +9,7 @@ from tiny_config import tiny_config
 
 from ssa_megatron import ops
 from ssa_megatron.model import core_attention as core_attention_module
-from ssa_megatron.model.builder import transformer_config
+from ssa_megatron.train.model_provider import transformer_config
 from ssa_megatron.model.core_attention import SSACoreAttention
 from ssa_megatron.model.step_state import SSAStepState
 

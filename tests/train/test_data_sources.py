@@ -20,7 +20,7 @@ def _config(data: dict):
 
 def test_training_on_a_weighted_blend_of_prefixes():
     tokenizer, prefix = prepare_default_corpus(".cache/ssa_megatron")
-    history = train(_config({"data_path": ["0.7", prefix, "0.3", prefix], "tokenizer": tokenizer, "split": "90,10,0"}))
+    history = train(_config({"data_path": ["0.7", prefix, "0.3", prefix], "tokenizer": tokenizer, "split": "90,10,0"})).history
     assert len(history) == 2 and all(r.lm_loss > 0 for r in history)
 
 
@@ -29,5 +29,5 @@ def test_training_on_webdataset_shards(tmp_path):
     shards = tmp_path / "shards"
     write_webdataset(prefix, str(shards), seq_length=64, samples_per_shard=64, progress=False)
     index = os.path.join(shards, "index.json")
-    history = train(_config({"webdataset": index, "tokenizer": tokenizer}))
+    history = train(_config({"webdataset": index, "tokenizer": tokenizer})).history
     assert len(history) == 2 and all(r.lm_loss > 0 for r in history)

@@ -1,12 +1,14 @@
-"""Build the Llama-style GPT with SSA attention through Megatron-core's ``GPTModel``.
+"""The trainer's model provider: the run config -> Megatron's ``TransformerConfig`` and ``GPTModel`` chunks.
 
 One model chunk per virtual pipeline stage of this rank (one chunk without interleaving).
-Process groups must already be initialised (``ssa_megatron.train.distributed``).
+Process groups must already be initialised (``ssa_megatron.train.distributed``). It lives in
+``train/`` because it reads the run config and ``parallel_state``; ``model/`` is the spec library.
 """
 
 from __future__ import annotations
 
 import importlib.util
+import math
 
 import torch
 import torch.nn.functional as F
@@ -18,12 +20,17 @@ from ssa_megatron.config import RunConfig
 from ssa_megatron.model.layer_specs import get_ssa_block_spec
 from ssa_megatron.model.step_state import SSAStepState
 
-# Megatron pads the vocabulary so that every tensor-parallel shard of the embedding is a multiple of this.
+# The embedding/output rows are padded to a multiple of this (fast GEMM shapes).
 VOCAB_PAD_MULTIPLE = 128
 
 
 def padded_vocab_size(vocab_size: int, tensor_parallel_size: int) -> int:
-    multiple = VOCAB_PAD_MULTIPLE * tensor_parallel_size
+    """Rows of the embedding and output layer, the same at every TP size that divides 128.
+
+    Megatron-LM pads to 128 x TP, which makes the model depend on the layout: a checkpoint loaded at
+    another TP would gain zero logits that join the softmax. Any power-of-two TP <= 128 divides 128.
+    """
+    multiple = math.lcm(VOCAB_PAD_MULTIPLE, tensor_parallel_size)
     return -(-vocab_size // multiple) * multiple
 
 
@@ -38,6 +45,12 @@ def transformer_config(cfg: RunConfig) -> TransformerConfig:
         )
     dtype = torch.bfloat16 if cfg.train.dtype == "bf16" else torch.float32
     vpp = p.virtual_pipeline_model_parallel_size
+    t = cfg.train
+    recompute = {}
+    if t.recompute_granularity is not None:
+        recompute = dict(recompute_granularity=t.recompute_granularity)
+        if t.recompute_granularity == "full":
+            recompute.update(recompute_method=t.recompute_method, recompute_num_layers=t.recompute_num_layers)
     return TransformerConfig(
         num_layers=m.num_layers,
         hidden_size=m.hidden_size,
@@ -71,6 +84,7 @@ def transformer_config(cfg: RunConfig) -> TransformerConfig:
         apply_rope_fusion=False,
         gradient_accumulation_fusion=False,
         persist_layer_norm=False,
+        **recompute,
     )
 
 

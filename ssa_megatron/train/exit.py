@@ -1,0 +1,88 @@
+"""When a run stops before ``train_iters``: signals, wall-time and iteration limits, agreed by every rank.
+
+Each rank records the first exit signal it receives (the handler only sets a flag, so a second
+signal during the save interrupts nothing); at every step boundary the ranks all-reduce their flags,
+so they stop at the same iteration, save together and exit with :data:`EXIT_CODE_SAVED`.
+
+Under ``torchrun``: it forwards SIGTERM/SIGINT/SIGHUP to the workers (and kills them 30 s later);
+it has no handler for SIGUSR1/SIGUSR2 unless started with ``--signals-to-handle`` and dies of them,
+orphaning the workers. Either start it with those signals ignored (``trap '' USR1 USR2`` in the
+shell that execs it; ignored dispositions survive exec, the trainer installs its own handlers) and
+signal every process of the job (as Slurm does for a job step), or send SIGTERM to torchrun.
+torchrun reports any worker exit code other than 0 as 1: ``exit_status.json`` in the save directory
+tells a launcher what happened (``write_exit_status``).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import signal
+import time
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+logger = logging.getLogger("ssa_megatron.train")
+
+EXIT_CODE_FINISHED = 0
+EXIT_CODE_SAVED = 3  # saved (when checkpoint.save is set) and stopped before train_iters: requeue me
+EXIT_STATUS_FILE = "exit_status.json"
+
+
+class ExitConditions:
+    """Signals, ``exit_duration_in_mins`` and ``exit_interval`` of ``train``; ``check`` is collective."""
+
+    def __init__(self, train_cfg, device: torch.device):
+        self.cfg = train_cfg
+        self.device = device
+        self.start = time.monotonic()
+        self.received: str | None = None
+        self._previous = {}
+        if train_cfg.exit_signal_handler:
+            for name in train_cfg.exit_signals:
+                signum = getattr(signal, name)
+                self._previous[signum] = signal.signal(signum, self._on_signal)
+
+    def _on_signal(self, signum, _frame) -> None:
+        name = signal.Signals(signum).name
+        if self.received is None:
+            self.received = name
+            logger.warning("received %s: saving and exiting at the end of this step", name)
+        else:
+            logger.warning("received %s while already stopping on %s: ignored", name, self.received)
+
+    def check(self, iteration: int) -> str | None:
+        """The reason to stop after ``iteration`` (the same on every rank), or None."""
+        out_of_time = (
+            self.cfg.exit_duration_in_mins is not None and time.monotonic() - self.start > 60 * self.cfg.exit_duration_in_mins
+        )
+        # [signal received, out of time] on any rank (each rank reads its own clock)
+        flags = torch.tensor([float(self.received is not None), float(out_of_time)], device=self.device)
+        dist.all_reduce(flags, op=dist.ReduceOp.MAX)
+        signalled, timed_out = flags.tolist()
+        if signalled:
+            return f"signal {self.received or '(received by another rank)'}"
+        if timed_out:
+            return "exit_duration"
+        if self.cfg.exit_interval and iteration % self.cfg.exit_interval == 0 and iteration < self.cfg.train_iters:
+            return "exit_interval"
+        return None
+
+    def restore_handlers(self) -> None:
+        for signum, previous in self._previous.items():
+            signal.signal(signum, previous)
+        self._previous = {}
+
+
+def write_exit_status(save_dir: str, *, exit_code: int, reason: str, iteration: int, train_iters: int) -> None:
+    """``SAVE/exit_status.json``, written atomically by one rank on a clean exit."""
+    path = Path(save_dir) / EXIT_STATUS_FILE
+    path.parent.mkdir(parents=True, exist_ok=True)
+    status = {"exit_code": exit_code, "reason": reason, "iteration": iteration, "train_iters": train_iters,
+              "time": time.time()}
+    tmp = path.with_suffix(f".tmp{os.getpid()}")
+    tmp.write_text(json.dumps(status, indent=1) + "\n")
+    os.replace(tmp, path)

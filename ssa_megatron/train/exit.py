@@ -19,6 +19,7 @@ import json
 import logging
 import os
 import signal
+import threading
 import time
 from pathlib import Path
 
@@ -35,20 +36,31 @@ EXIT_STATUS_FILE = "exit_status.json"
 class ExitConditions:
     """Signals, ``exit_duration_in_mins`` and ``exit_interval`` of ``train``; ``check`` is collective."""
 
-    def __init__(self, train_cfg, device: torch.device):
+    def __init__(self, train_cfg, device: torch.device, *, saving: bool):
+        """``saving``: the run has a save directory, so Ctrl-C (SIGINT) saves and stops like the exit
+        signals; a second Ctrl-C aborts at once (the previous checkpoint stays the latest)."""
         self.cfg = train_cfg
         self.device = device
         self.start = time.monotonic()
         self.received: str | None = None
         self._previous = {}
-        if train_cfg.exit_signal_handler:
-            for name in train_cfg.exit_signals:
-                signum = getattr(signal, name)
-                self._previous[signum] = signal.signal(signum, self._on_signal)
+        names = list(train_cfg.exit_signals) if train_cfg.exit_signal_handler else []
+        if saving and "SIGINT" not in names:
+            names.append("SIGINT")
+        if threading.current_thread() is not threading.main_thread():
+            return  # Python delivers signals to the main thread only (e.g. a run inside a test worker)
+        for name in names:
+            signum = getattr(signal, name)
+            self._previous[signum] = signal.signal(signum, self._on_signal)
 
     def _on_signal(self, signum, _frame) -> None:
         name = signal.Signals(signum).name
-        if self.received is None:
+        if name == "SIGINT" and self.received == "SIGINT":
+            raise KeyboardInterrupt  # the second Ctrl-C: stop now
+        if name == "SIGINT" and self.received is None:
+            self.received = name
+            logger.warning("Ctrl-C: saving and exiting at the end of this step (Ctrl-C again to abort now)")
+        elif self.received is None:
             self.received = name
             logger.warning("received %s: saving and exiting at the end of this step", name)
         else:

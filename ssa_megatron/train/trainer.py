@@ -292,7 +292,7 @@ def train(cfg: RunConfig, build_data=build_training_data) -> TrainResult:
     trainer = Trainer(cfg, build_data)
     cfg = trainer.cfg
     logger_ = StepLogger(cfg, trainer.ctx, trainer.num_microbatches)
-    exits = ExitConditions(cfg.train, trainer.ctx.device)
+    exits = ExitConditions(cfg.train, trainer.ctx.device, saving=cfg.checkpoint.save is not None)
     history: list[StepRecord] = []
     reason, saved_at = "finished", None
     try:

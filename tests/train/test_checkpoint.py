@@ -183,3 +183,26 @@ def test_asynchronous_saves_commit_the_tracker_and_resume_bitwise(tmp_path):
     assert checkpoint.damage(checkpoint_dir(save, 4)) is None
     second = train(cfg, in_memory_data())
     assert losses(first) + losses(second) == losses(straight)
+
+
+def test_ctrl_c_with_a_save_directory_saves_and_exits_3_and_a_second_one_aborts(monkeypatch, tmp_path):
+    import signal
+
+    save = str(tmp_path / "run")
+    real_step = Trainer.step
+    presses = {2: 1, 4: 2}  # after iteration 2: one Ctrl-C; in the second run, after iteration 4: two
+
+    def step_then_press(self):
+        record = real_step(self)
+        for _ in range(presses.get(record.iteration, 0)):
+            signal.raise_signal(signal.SIGINT)
+        return record
+
+    monkeypatch.setattr(Trainer, "step", step_then_press)
+    cfg = run_config(tmp_path, checkpoint={"save": save, "load": save})
+    first = train(cfg, in_memory_data())
+    assert (first.exit_code, first.reason, read_tracker(save)) == (3, "signal SIGINT", 2)
+    with pytest.raises(KeyboardInterrupt):
+        train(cfg, in_memory_data())
+    assert read_tracker(save) == 2  # aborted before any new save: the latest is still whole
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # handlers restored

@@ -19,9 +19,8 @@ from pathlib import Path
 import yaml
 
 from ssa_megatron.data.config import DataConfig
+from ssa_megatron.model.config import SSAConfig  # the model's own settings, the run file's ssa: section
 
-TRAINING_MODES = ("ssa", "full", "sparse")
-ATTENTION_MODES = ("full", "sparse")
 DTYPES = ("fp32", "bf16")
 
 
@@ -69,26 +68,6 @@ class ModelConfig:
     @property
     def head_dim(self) -> int:
         return self.kv_channels or self.hidden_size // self.num_attention_heads
-
-
-@dataclass(frozen=True, kw_only=True)
-class SSAConfig:
-    """How attention is trained and run (see ../shared/SSA_SPEC.md)."""
-
-    training_mode: str = "ssa"  # ssa (both streams + alignment) | full | sparse (the paper's 3 rows)
-    attention_mode: str = "full"  # stream used outside training (eval, inference): full | sparse
-    block_size: int = 16  # tokens per key block
-    top_k: int = 16  # selected blocks per token and KV head, own block included
-    alpha: float = 10.0  # weight of the layer-mean alignment loss
-    backend: str = "auto"  # ops backend: auto (Triton on CUDA) | torch | triton
-
-    def __post_init__(self):
-        _require(self.training_mode in TRAINING_MODES, f"ssa.training_mode={self.training_mode!r}: must be one of {TRAINING_MODES}")
-        _require(self.attention_mode in ATTENTION_MODES, f"ssa.attention_mode={self.attention_mode!r}: must be one of {ATTENTION_MODES}")
-        _require(isinstance(self.block_size, int) and self.block_size >= 1, f"ssa.block_size={self.block_size!r}: must be an int >= 1")
-        _require(isinstance(self.top_k, int) and self.top_k >= 1, f"ssa.top_k={self.top_k!r}: must be >= 1 (the own block counts)")
-        _require(self.alpha >= 0, f"ssa.alpha={self.alpha}: must be >= 0")
-        _require(self.backend in ("auto", "torch", "triton"), f"ssa.backend={self.backend!r}: must be auto, torch or triton")
 
 
 @dataclass(frozen=True, kw_only=True)

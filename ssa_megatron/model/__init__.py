@@ -1,8 +1,28 @@
-"""SSA on Megatron-core: the layer/block specs to build a model with, and their parts."""
+"""SSA on Megatron-core: the layer/block specs to build a model with, and their parts.
 
-from ssa_megatron.model.core_attention import SSACoreAttention
-from ssa_megatron.model.gated_attention import GatedSelfAttention
-from ssa_megatron.model.layer_specs import get_ssa_block_spec, get_ssa_layer_spec
-from ssa_megatron.model.step_state import SSAStepState, draw_mode
+``SSAConfig`` loads eagerly; the Megatron parts are imported on first use, so reading a run config
+(which embeds ``SSAConfig``) needs neither torch nor megatron-core.
+"""
 
-__all__ = ["GatedSelfAttention", "SSACoreAttention", "SSAStepState", "draw_mode", "get_ssa_block_spec", "get_ssa_layer_spec"]
+from __future__ import annotations
+
+import importlib
+
+from ssa_megatron.model.config import SSAConfig
+
+_LAZY = {
+    "SSACoreAttention": "ssa_megatron.model.core_attention",
+    "GatedSelfAttention": "ssa_megatron.model.gated_attention",
+    "get_ssa_block_spec": "ssa_megatron.model.layer_specs",
+    "get_ssa_layer_spec": "ssa_megatron.model.layer_specs",
+    "SSAStepState": "ssa_megatron.model.step_state",
+    "draw_mode": "ssa_megatron.model.step_state",
+}
+
+__all__ = ["SSAConfig", *_LAZY]
+
+
+def __getattr__(name: str):
+    if name in _LAZY:
+        return getattr(importlib.import_module(_LAZY[name]), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

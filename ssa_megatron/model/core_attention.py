@@ -22,7 +22,7 @@ from megatron.core.transformer.enums import AttnMaskType
 from megatron.core.transformer.module import MegatronModule
 
 from ssa_megatron import ops
-from ssa_megatron.config import SSAConfig
+from ssa_megatron.model.config import SSAConfig
 from ssa_megatron.model.alignment import attach_aux_loss
 from ssa_megatron.model.step_state import SSAStepState
 

@@ -16,7 +16,7 @@ from megatron.core.transformer.spec_utils import ModuleSpec
 from megatron.core.transformer.transformer_block import TransformerBlockSubmodules, get_num_layers_to_build
 from megatron.core.transformer.transformer_config import TransformerConfig
 
-from ssa_megatron.config import SSAConfig
+from ssa_megatron.model.config import SSAConfig
 from ssa_megatron.model.core_attention import SSACoreAttention
 from ssa_megatron.model.gated_attention import GatedSelfAttention, GatedSelfAttentionSubmodules
 from ssa_megatron.model.step_state import SSAStepState

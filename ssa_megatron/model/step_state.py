@@ -15,7 +15,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from ssa_megatron.config import SSAConfig
+from ssa_megatron.model.config import SSAConfig
 
 
 def draw_mode(seed: int, iteration: int, microbatch: int) -> str:

@@ -25,6 +25,7 @@ import os
 import random
 import re
 import shutil
+import signal
 import time
 from pathlib import Path
 
@@ -338,6 +339,26 @@ def _write_atomically(path: Path, text: str) -> None:
 
 def _write_run_config(path: Path, cfg: RunConfig) -> None:
     _write_atomically(path / RUN_CONFIG_FILE, yaml.safe_dump(config_to_dict(cfg), sort_keys=False))
+
+
+def start_writer_helper(signals: list[str]) -> None:
+    """Start Megatron's checkpoint-writer helper process now, with ``signals`` ignored in it.
+
+    The writer reports results through a queue held by a spawned ``multiprocessing`` manager, started
+    at the first save. A launcher that signals every process of a job (Slurm on preemption, scancel,
+    the time limit; submitit) would kill that manager and break the save the signal asked for. A
+    spawned process inherits ignored signals (not Python handlers), so it is started here, before
+    the trainer installs its handlers, with them ignored.
+    """
+    from megatron.core.dist_checkpointing.strategies import filesystem_async
+
+    start = getattr(filesystem_async, "get_write_results_queue", None) or filesystem_async._get_write_results_queue
+    previous = {name: signal.signal(getattr(signal, name), signal.SIG_IGN) for name in signals}
+    try:
+        start()
+    finally:
+        for name, handler in previous.items():
+            signal.signal(getattr(signal, name), handler)
 
 
 class AsyncSaves:

@@ -4,13 +4,15 @@ Each rank records the first exit signal it receives (the handler only sets a fla
 signal during the save interrupts nothing); at every step boundary the ranks all-reduce their flags,
 so they stop at the same iteration, save together and exit with :data:`EXIT_CODE_SAVED`.
 
-Under ``torchrun``: it forwards SIGTERM/SIGINT/SIGHUP to the workers (and kills them 30 s later);
-it has no handler for SIGUSR1/SIGUSR2 unless started with ``--signals-to-handle`` and dies of them,
-orphaning the workers. Either start it with those signals ignored (``trap '' USR1 USR2`` in the
-shell that execs it; ignored dispositions survive exec, the trainer installs its own handlers) and
-signal every process of the job (as Slurm does for a job step), or send SIGTERM to torchrun.
-torchrun reports any worker exit code other than 0 as 1: ``exit_status.json`` in the save directory
-tells a launcher what happened (``write_exit_status``).
+Under ``torchrun``: it forwards SIGTERM/SIGINT/SIGHUP to the workers and kills them 30 s later (a
+save must fit); it has no handler for SIGUSR1/SIGUSR2 unless started with ``--signals-to-handle`` and
+dies of them, orphaning the workers. ``slurm/train.sbatch`` therefore traps the time-limit signal in
+the batch shell and forwards it to the ranks alone. Signalling every process of a job (Slurm's
+default, submitit) also works when torchrun ignores USR1/USR2 (``trap '' USR1 USR2`` before ``exec
+torchrun``; ignored dispositions survive exec, the trainer installs its own handlers): Megatron's
+checkpoint-writer helper is started with the exit signals ignored so it survives them
+(``checkpoint.start_writer_helper``). torchrun reports any worker exit code other than 0 as 1:
+``exit_status.json`` in the save directory tells a launcher what happened (``write_exit_status``).
 """
 
 from __future__ import annotations
@@ -25,6 +27,8 @@ from pathlib import Path
 
 import torch
 import torch.distributed as dist
+
+from ssa_megatron.train import checkpoint
 
 logger = logging.getLogger("ssa_megatron.train")
 
@@ -49,6 +53,8 @@ class ExitConditions:
             names.append("SIGINT")
         if threading.current_thread() is not threading.main_thread():
             return  # Python delivers signals to the main thread only (e.g. a run inside a test worker)
+        if saving:
+            checkpoint.start_writer_helper(names)  # before our handlers: it must ignore these signals
         for name in names:
             signum = getattr(signal, name)
             self._previous[signum] = signal.signal(signum, self._on_signal)

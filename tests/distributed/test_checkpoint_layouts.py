@@ -21,6 +21,7 @@ LAYOUTS = {
     "pp2": (2, {"pipeline_model_parallel_size": 2}),
     "dp2_distopt": (2, {"use_distributed_optimizer": True}),
     "tp2_distopt": (2, {"tensor_model_parallel_size": 2, "use_distributed_optimizer": True}),
+    "tp2_pp2": (4, {"tensor_model_parallel_size": 2, "pipeline_model_parallel_size": 2}),
 }
 
 
@@ -92,6 +93,16 @@ def test_a_checkpoint_resumes_at_another_layout_with_the_same_losses(source, tar
     assert [r["iteration"] for r in continued] == [r["iteration"] for r in reference]
     assert [r["lm"] for r in continued] == pytest.approx([r["lm"] for r in reference], rel=LOSS_RTOL)
     assert [r["grad_norm"] for r in continued] == pytest.approx([r["grad_norm"] for r in reference], rel=1e-4)
+
+
+def test_a_tp2_pp2_checkpoint_resumes_in_one_process_as_one_process_trains(runs):
+    """4 ranks (TP2 x PP2) save; one process loads and continues like a one-process run from scratch
+    (same seed, same model at any layout), to float rounding."""
+    straight, _, resume = runs
+    continued = resume("tp2_pp2", "one")
+    reference = straight("one")[SPLIT:]
+    assert [r["iteration"] for r in continued] == [r["iteration"] for r in reference]
+    assert [r["lm"] for r in continued] == pytest.approx([r["lm"] for r in reference], rel=LOSS_RTOL)
 
 
 def test_full_recompute_under_1f1b_trains_exactly_what_no_recompute_does(runs):

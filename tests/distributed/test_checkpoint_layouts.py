@@ -25,6 +25,10 @@ LAYOUTS = {
 }
 
 
+def max_rel_diff(got: list[dict], want: list[dict], key: str) -> float:
+    return max(abs(g[key] - w[key]) / abs(w[key]) for g, w in zip(got, want))
+
+
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
     """Launch each run once per module (a launch costs ~10-30 s); keyed by what it is."""
@@ -68,6 +72,7 @@ def test_same_seed_trains_the_same_model_at_any_layout(layout, runs):
     """Layout-independent init: from scratch, TP=2 and PP=2 log the losses of one process."""
     straight, _, _ = runs
     one, other = straight("one"), straight(layout)
+    print(f"from scratch {layout} vs one process: max rel LM-loss diff {max_rel_diff(other, one, 'lm'):.1e}")
     assert [r["lm"] for r in other] == pytest.approx([r["lm"] for r in one], rel=LOSS_RTOL)
     assert [r["align"] for r in other] == pytest.approx([r["align"] for r in one], rel=LOSS_RTOL)
 
@@ -90,6 +95,7 @@ def test_a_checkpoint_resumes_at_another_layout_with_the_same_losses(source, tar
     straight, _, resume = runs
     continued = resume(source, target)
     reference = straight(source)[SPLIT:]
+    print(f"saved at {source}, resumed at {target}: max rel LM-loss diff {max_rel_diff(continued, reference, 'lm'):.1e}")
     assert [r["iteration"] for r in continued] == [r["iteration"] for r in reference]
     assert [r["lm"] for r in continued] == pytest.approx([r["lm"] for r in reference], rel=LOSS_RTOL)
     assert [r["grad_norm"] for r in continued] == pytest.approx([r["grad_norm"] for r in reference], rel=1e-4)
@@ -101,6 +107,7 @@ def test_a_tp2_pp2_checkpoint_resumes_in_one_process_as_one_process_trains(runs)
     straight, _, resume = runs
     continued = resume("tp2_pp2", "one")
     reference = straight("one")[SPLIT:]
+    print(f"saved at tp2_pp2, resumed at one vs one from scratch: max rel LM-loss diff {max_rel_diff(continued, reference, 'lm'):.1e}")
     assert [r["iteration"] for r in continued] == [r["iteration"] for r in reference]
     assert [r["lm"] for r in continued] == pytest.approx([r["lm"] for r in reference], rel=LOSS_RTOL)
 

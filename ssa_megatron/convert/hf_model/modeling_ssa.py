@@ -25,6 +25,7 @@ prefill runs its Triton kernels (``sparse_backend="auto"``).
 
 from __future__ import annotations
 
+import contextlib
 import math
 from dataclasses import dataclass
 
@@ -143,6 +144,39 @@ def sparse_attention_at(
     return torch.cat(out, dim=1)
 
 
+def sparse_decode_step(
+    q: torch.Tensor, k_buf: torch.Tensor, v_buf: torch.Tensor, k_cmp: torch.Tensor, length: int, block_size: int, top_k: int
+) -> torch.Tensor:
+    """``sparse_attention_at`` for one new token per row when every row holds ``length`` tokens (the new
+    one last), so that every count is a host int: no masks, no index tensors of context size, no host
+    syncs. Same selection (same importance, same top-k over the same blocks) and same attended tokens,
+    in the same order. q ``[b, 1, hq, d]``, k_cmp ``[b, length // bs, hkv, d]``; returns ``[b, 1, hq, d]``."""
+    b, _, hq, d = q.shape
+    hkv = k_buf.shape[1]
+    g = hq // hkv
+    nb = k_cmp.shape[1]  # every block in k_cmp is complete
+    own = (length - 1) // block_size  # the new token's block; blocks 0 .. own - 1 are the earlier ones
+    n_pick = min(top_k - 1, nb)
+    n_valid = min(n_pick, own)  # picks that name a block (the rest would be -1)
+    acc = torch.promote_types(q.dtype, torch.float32)
+    keys, values = k_buf[:, :, own * block_size : length], v_buf[:, :, own * block_size : length]
+    if n_valid > 0:
+        scale = 1.0 / math.sqrt(d)
+        scores = torch.matmul(q.float().view(b, hkv, g, d), k_cmp.permute(0, 2, 3, 1)) * scale  # [b, hkv, g, nb]
+        probs = torch.exp(scores - scores.logsumexp(dim=-1, keepdim=True))
+        importance = probs.sum(dim=2)  # [b, hkv, nb]
+        if own < nb:
+            importance[..., own:] = float("-inf")  # the own block is not an earlier block
+        picked = importance.topk(n_pick, dim=-1)[1][..., :n_valid]  # descending; -inf ones (never valid) last
+        offsets = torch.arange(block_size, device=q.device)
+        tokens = (picked[..., None] * block_size + offsets).flatten(-2)[..., None].expand(-1, -1, -1, d)
+        keys = torch.cat([keys, torch.gather(k_buf, 2, tokens)], dim=2)  # [b, hkv, own part + n_valid * bs, d]
+        values = torch.cat([values, torch.gather(v_buf, 2, tokens)], dim=2)
+    scores = torch.matmul(q.to(acc).view(b, hkv, g, d), keys.to(acc).transpose(-1, -2)) / math.sqrt(d)
+    out = torch.matmul(scores.softmax(dim=-1), values.to(acc))  # [b, hkv, g, d]
+    return out.reshape(b, 1, hq, d).to(q.dtype)
+
+
 # ------------------------------------------------------------------------------------------------
 # Cache
 # ------------------------------------------------------------------------------------------------
@@ -157,9 +191,14 @@ class SSALayerCache:
         self.cmp_block_size = None
         self.cmp_upto = None  # [b]: row lengths when k_cmp was last brought up to date
         self.cmp_stale = 0  # tokens appended to every row since then
+        self.cmp_upto_host = None  # kv_len at that update when every row had it (uniform rows), else None
 
-    def append(self, k: torch.Tensor, v: torch.Tensor, positions: torch.Tensor, needed: int) -> None:
-        """Write k/v ``[b, n, hkv, d]`` at ``positions [b, n]``; ``needed`` bounds every index + 1."""
+    def append(
+        self, k: torch.Tensor, v: torch.Tensor, positions: torch.Tensor, needed: int, start: int | None = None
+    ) -> None:
+        """Write k/v ``[b, n, hkv, d]`` at ``positions [b, n]``; ``needed`` bounds every index + 1.
+        ``start``: when every row's positions are ``start .. start + n - 1`` (known on the host), the
+        write is a plain slice copy (no index tensors)."""
         b, n, hkv, d = k.shape
         if self.k is None or self.k.shape[2] < needed:
             old = 0 if self.k is None else self.k.shape[2]
@@ -169,26 +208,34 @@ class SSALayerCache:
             if self.k is not None:
                 grown_k[:, :, :old], grown_v[:, :, :old] = self.k, self.v
             self.k, self.v = grown_k, grown_v
-        batch = torch.arange(b, device=k.device)[:, None]
-        # [b, hkv, cap, d] viewed as [b, cap, hkv, d] for the per-row token index
-        self.k.transpose(1, 2)[batch, positions] = k
-        self.v.transpose(1, 2)[batch, positions] = v
+        if start is not None:
+            self.k[:, :, start : start + n].copy_(k.transpose(1, 2))
+            self.v[:, :, start : start + n].copy_(v.transpose(1, 2))
+        else:
+            batch = torch.arange(b, device=k.device)[:, None]
+            # [b, hkv, cap, d] viewed as [b, cap, hkv, d] for the per-row token index
+            self.k.transpose(1, 2)[batch, positions] = k
+            self.v.transpose(1, 2)[batch, positions] = v
         self.cmp_stale += n
 
-    def block_keys(self, block_size: int, lengths: torch.Tensor, kv_len: int) -> torch.Tensor:
-        """Mean-pooled keys ``[b, kv_len // bs, hkv, d]``, true for every block complete in each row."""
+    def block_keys(self, block_size: int, lengths: torch.Tensor, kv_len: int, uniform: bool = False) -> torch.Tensor:
+        """Mean-pooled keys ``[b, kv_len // bs, hkv, d]``, true for every block complete in each row.
+        ``uniform``: every row holds ``kv_len`` tokens, so the host knows when a block completes."""
         b, hkv, cap, d = self.k.shape
         rows = cap // block_size + 1
         if self.cmp_block_size != block_size or self.k_cmp is None:
             self.k_cmp = self.k.new_zeros(b, rows, hkv, d, dtype=torch.float32)
             self.cmp_block_size = block_size
             self.cmp_upto = torch.zeros_like(lengths)
+            self.cmp_upto_host = None
             self.cmp_stale = kv_len
         elif self.k_cmp.shape[1] < rows:
             grown = self.k_cmp.new_zeros(b, rows, hkv, d)
             grown[:, : self.k_cmp.shape[1]] = self.k_cmp
             self.k_cmp = grown
-        if self.cmp_stale:
+        if uniform and self.cmp_upto_host is not None and kv_len // block_size == self.cmp_upto_host // block_size:
+            pass  # no block completed since the last update: the complete blocks' means are all in place
+        elif self.cmp_stale:
             # Blocks completed since the last update: [cmp_upto // bs, lengths // bs) per row, at most
             # stale // bs + 1 of them. Recompute them all (entries not complete yet are rewritten later).
             count = self.cmp_stale // block_size + 1
@@ -200,6 +247,7 @@ class SSALayerCache:
                 (blocks < rows)[..., None, None], means, self.k_cmp[batch, blocks.clamp(max=rows - 1)]
             )
             self.cmp_upto = lengths.clone()
+            self.cmp_upto_host = kv_len if uniform else None
             self.cmp_stale = 0
         return self.k_cmp[:, : kv_len // block_size]
 
@@ -321,7 +369,7 @@ class SSAAttention(nn.Module):
         k = apply_rotary(self.k_proj(x).view(b, n, self.num_kv_heads, self.head_dim), cos, sin)
         v = self.v_proj(x).view(b, n, self.num_kv_heads, self.head_dim)
         gate = torch.sigmoid(self.g_proj(x).float()).to(x.dtype)  # [b, n, hq]
-        cache.append(k, v, step.positions, step.kv_len)
+        cache.append(k, v, step.positions, step.kv_len, step.kv_len - n if step.uniform else None)
         if step.mode == "full":
             o = self._full(q, k, v, cache, step)
         else:
@@ -336,6 +384,15 @@ class SSAAttention(nn.Module):
             )
             return o.transpose(1, 2)
         keys, values = cache.k[:, :, : step.kv_len], cache.v[:, :, : step.kv_len]
+        b, n, hq, d = q.shape
+        if n == 1:  # one token per row: the g query heads of a KV group attend as g rows of one head (no GQA)
+            mask = None
+            if not step.uniform:
+                key_index = torch.arange(step.kv_len, device=q.device)
+                mask = (key_index <= step.positions[..., None])[:, None]  # [b, 1, 1, kv_len]
+            o = F.scaled_dot_product_attention(q.view(b, self.num_kv_heads, hq // self.num_kv_heads, d), keys, values,
+                                               attn_mask=mask)
+            return o.view(b, 1, hq, d)
         mask = None
         if q.shape[1] > 1 or not step.uniform:
             key_index = torch.arange(step.kv_len, device=q.device)
@@ -353,7 +410,9 @@ class SSAAttention(nn.Module):
                 return o
             if step.backend == "triton":
                 raise ValueError("sparse_backend='triton' needs the ssa_kernels package: pip install ssa-megatron")
-        k_cmp = cache.block_keys(step.block_size, step.lengths, step.kv_len)
+        k_cmp = cache.block_keys(step.block_size, step.lengths, step.kv_len, step.uniform)
+        if q.shape[1] == 1 and step.uniform:
+            return sparse_decode_step(q, cache.k, cache.v, k_cmp, step.kv_len, step.block_size, step.top_k)
         return sparse_attention_at(q, step.positions, cache.k, cache.v, k_cmp, step.block_size, step.top_k)
 
 
@@ -410,6 +469,28 @@ def _roll_rows(x: torch.Tensor, shift: torch.Tensor) -> torch.Tensor:
     n = x.shape[1]
     index = (torch.arange(n, device=x.device)[None, :] + shift[:, None]) % n
     return x.gather(1, index.view(*index.shape, *([1] * (x.dim() - 2))).expand(-1, -1, *x.shape[2:]))
+
+
+def _decode_sdpa_backends(x: torch.Tensor, mode: str, prefill: bool):
+    """While decoding on CUDA with full attention, leave cuDNN out of SDPA's choice. Its kernels are
+    built (and cached) per shape, and the key length grows by one every step: each step would build a
+    new cuDNN graph in every layer (about 4 ms each on an H200, more than the whole step's GPU work).
+    The other enabled backends (flash, memory-efficient, math) take any length as is."""
+    cuda = torch.backends.cuda
+    if prefill or mode != "full" or not x.is_cuda or not cuda.cudnn_sdp_enabled():
+        return contextlib.nullcontext()
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    others = [
+        backend
+        for backend, enabled in (
+            (SDPBackend.FLASH_ATTENTION, cuda.flash_sdp_enabled()),
+            (SDPBackend.EFFICIENT_ATTENTION, cuda.mem_efficient_sdp_enabled()),
+            (SDPBackend.MATH, cuda.math_sdp_enabled()),
+        )
+        if enabled
+    ]
+    return sdpa_kernel(others) if others else contextlib.nullcontext()
 
 
 class SSAModel(SSAPreTrainedModel):
@@ -475,10 +556,11 @@ class SSAModel(SSAPreTrainedModel):
         step = _Step(mode, block_size, top_k, backend, positions, lengths, cache.seen + n, prefill, uniform)
         cos, sin = rotary(positions, c.head_dim, c.rope_theta, x.dtype)
         hidden = [] if output_hidden_states else None
-        for layer, layer_cache in zip(self.layers, cache.layers):
-            if hidden is not None:
-                hidden.append(x)
-            x = layer(x, cos, sin, layer_cache, step)
+        with _decode_sdpa_backends(x, mode, prefill):
+            for layer, layer_cache in zip(self.layers, cache.layers):
+                if hidden is not None:
+                    hidden.append(x)
+                x = layer(x, cos, sin, layer_cache, step)
         x = self.norm(x)
         cache.lengths, cache.seen, cache.uniform = lengths, cache.seen + n, uniform
         if hidden is not None:

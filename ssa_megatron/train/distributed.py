@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-import socket
 from dataclasses import dataclass
 
 import torch
@@ -38,27 +37,25 @@ def resolve_device(requested: str) -> torch.device:
     return torch.device(requested)
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def initialize(cfg: RunConfig) -> DistributedContext:
     """Join (or create, for a single process) the default group, then Megatron's model-parallel groups.
 
     Under ``torchrun`` the rendezvous comes from its environment; a plain ``python -m`` run becomes
-    a one-process world. The layout is checked against the world size before any group is built.
+    a one-process world on an in-memory store. The layout is checked against the world size before any group is built.
     """
     device = resolve_device(cfg.train.device)
     if device.type == "cpu":
         enable_cpu_support()
     if not dist.is_initialized():
-        if "RANK" not in os.environ:
-            os.environ.update(RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(_free_port()))
+        backend = "nccl" if device.type == "cuda" else "gloo"
         if device.type == "cuda":
             torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
-        dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo")
+        if "RANK" in os.environ:
+            dist.init_process_group(backend=backend)
+        else:
+            # One process: an in-memory store, so no TCP port is needed (a "free" port picked here could
+            # be taken by another process before the store listens on it).
+            dist.init_process_group(backend=backend, store=dist.HashStore(), rank=0, world_size=1)
     world_size = dist.get_world_size()
     dp_size = cfg.check_world_size(world_size)
     p = cfg.parallel

@@ -20,13 +20,9 @@ import yaml
 
 from ssa_megatron.data.config import DataConfig
 from ssa_megatron.model.config import SSAConfig  # the model's own settings, the run file's ssa: section
+from ssa_megatron.model.config import require as _require
 
 DTYPES = ("fp32", "bf16")
-
-
-def _require(ok: bool, message: str) -> None:
-    if not ok:
-        raise ValueError(message)
 
 
 @dataclass(frozen=True, kw_only=True)

@@ -9,7 +9,8 @@ TRAINING_MODES = ("ssa", "full", "sparse")
 ATTENTION_MODES = ("full", "sparse")
 
 
-def _require(ok: bool, message: str) -> None:
+def require(ok: bool, message: str) -> None:
+    """Config checks: ``ValueError(message)`` (naming field, value and fix) unless ``ok``."""
     if not ok:
         raise ValueError(message)
 
@@ -26,9 +27,9 @@ class SSAConfig:
     backend: str = "auto"  # ops backend: auto (Triton on CUDA) | torch | triton
 
     def __post_init__(self):
-        _require(self.training_mode in TRAINING_MODES, f"ssa.training_mode={self.training_mode!r}: must be one of {TRAINING_MODES}")
-        _require(self.attention_mode in ATTENTION_MODES, f"ssa.attention_mode={self.attention_mode!r}: must be one of {ATTENTION_MODES}")
-        _require(isinstance(self.block_size, int) and self.block_size >= 1, f"ssa.block_size={self.block_size!r}: must be an int >= 1")
-        _require(isinstance(self.top_k, int) and self.top_k >= 1, f"ssa.top_k={self.top_k!r}: must be >= 1 (the own block counts)")
-        _require(self.alpha >= 0, f"ssa.alpha={self.alpha}: must be >= 0")
-        _require(self.backend in ("auto", "torch", "triton"), f"ssa.backend={self.backend!r}: must be auto, torch or triton")
+        require(self.training_mode in TRAINING_MODES, f"ssa.training_mode={self.training_mode!r}: must be one of {TRAINING_MODES}")
+        require(self.attention_mode in ATTENTION_MODES, f"ssa.attention_mode={self.attention_mode!r}: must be one of {ATTENTION_MODES}")
+        require(isinstance(self.block_size, int) and self.block_size >= 1, f"ssa.block_size={self.block_size!r}: must be an int >= 1")
+        require(isinstance(self.top_k, int) and self.top_k >= 1, f"ssa.top_k={self.top_k!r}: must be >= 1 (the own block counts)")
+        require(self.alpha >= 0, f"ssa.alpha={self.alpha}: must be >= 0")
+        require(self.backend in ("auto", "torch", "triton"), f"ssa.backend={self.backend!r}: must be auto, torch or triton")

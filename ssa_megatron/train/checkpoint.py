@@ -182,12 +182,11 @@ def plan_load(cfg: RunConfig) -> LoadPlan | None:
     )
 
 
-def check_compatible(saved: RunConfig, cfg: RunConfig, *, finetune: bool, where: Path, vocab_size: int | None = None) -> None:
+def check_compatible(saved: RunConfig, cfg: RunConfig, *, finetune: bool, where: Path) -> None:
     """Refuse a checkpoint of another model shape (or, unless fine-tuning, another training mode)."""
     differences = []
     for name in SHAPE_FIELDS:
-        want = vocab_size if name == "vocab_size" else getattr(cfg.model, name)
-        have = getattr(saved.model, name)
+        want, have = getattr(cfg.model, name), getattr(saved.model, name)
         if name == "vocab_size" and want is None:
             continue  # compared once the tokenizer is known (the trainer calls this again)
         if want != have:

@@ -84,7 +84,7 @@ class Trainer:
         self.cfg = cfg
         if self.load_plan:
             checkpoint.check_compatible(self.load_plan.saved_config, cfg, finetune=self.load_plan.finetune,
-                                        where=self.load_plan.root, vocab_size=cfg.model.vocab_size)
+                                        where=self.load_plan.root)
         self.num_microbatches = cfg.train.global_batch_size // (cfg.train.micro_batch_size * self.ctx.dp_size)
         self.step_state = SSAStepState(cfg.ssa, cfg.model.num_layers, tp_size=self.ctx.tp_size)
         self.model = self._build_model()

@@ -16,7 +16,8 @@ Definitions (per query token t, query head h; q/k after RoPE; p = the full causa
   layer, between a full-mode and a sparse-mode forward of the same sequence, averaged over tokens.
 
 Values are means over every query token of every sequence (per head; "mean" averages heads and
-layers). The selection is ``ssa_megatron.ops.reference.select_blocks`` (exact, the training rule).
+layers). The selection is ``ssa_megatron.ops.select_blocks`` (exact, the training rule; the Triton
+kernels on CUDA, the torch reference elsewhere), as are the attention streams of the gaps.
 Full rows are computed for a chunk of queries at a time (``[chunk, heads, seq]``), so ``[seq, seq]``
 is never built. "Inference full" hooks a full-mode forward; "inference sparse" a sparse-mode forward
 at each budget (the layer inputs, so q and k, then come from the sparse model).
@@ -35,7 +36,7 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from ssa_megatron.eval.models import EvalModel, Setting
-from ssa_megatron.ops import reference
+from ssa_megatron import ops
 
 ENTROPY_UNIT = "nats (natural log)"
 _CHUNK_ELEMENTS = 1 << 26  # bound on b * chunk * hq * seq float32 entries of one chunk
@@ -56,7 +57,7 @@ def attention_stats(
     scale = 1.0 / math.sqrt(d)
     if chunk is None:
         chunk = max(1, min(s, _CHUNK_ELEMENTS // max(1, b * hq * s)))
-    selections = {bk: reference.select_blocks(q, k, *bk) for bk in budgets}
+    selections = {bk: ops.select_blocks(q, k, *bk) for bk in budgets}
     sums = {"entropy": torch.zeros(hq, dtype=torch.float64, device=q.device)}
     sums["sink_mass"] = torch.zeros_like(sums["entropy"])
     per_budget = {bk: {n: torch.zeros_like(sums["entropy"]) for n in ("attn_sparsity", "sparse_entropy", "sparse_sink_mass")} for bk in budgets}
@@ -100,15 +101,15 @@ def attention_stats(
 def attention_gap(q, k, v, gate, block_size: int, top_k: int) -> dict:
     """Sums over tokens of ``||o_full - o_sparse||``, ``||o_full||`` (gated, ``[hq * d]`` per token), and L_align."""
     b, s, hq, d = q.shape
-    o_full = reference.full_attention(q, k, v).float() * gate[..., None]
-    idx = reference.select_blocks(q, k, block_size, top_k)
-    o_sparse = reference.sparse_attention(q, k, v, idx, block_size).float() * gate[..., None]
+    o_full = ops.full_attention(q, k, v).float() * gate[..., None]
+    idx = ops.select_blocks(q, k, block_size, top_k)
+    o_sparse = ops.sparse_attention(q, k, v, idx, block_size).float() * gate[..., None]
     diff = (o_full - o_sparse).reshape(b, s, hq * d).norm(dim=-1)
     return {
         "count": b * s,
         "gap": float(diff.double().sum()),
         "norm": float(o_full.reshape(b, s, hq * d).norm(dim=-1).double().sum()),
-        "alignment_loss": float(reference.alignment_loss(o_full, o_sparse)) * b * s,
+        "alignment_loss": float(ops.alignment_loss(o_full, o_sparse)) * b * s,
     }
 
 

@@ -22,6 +22,8 @@ LAYOUTS = {
     "dp2_distopt": (2, {"use_distributed_optimizer": True}),
     "tp2_distopt": (2, {"tensor_model_parallel_size": 2, "use_distributed_optimizer": True}),
     "tp2_pp2": (4, {"tensor_model_parallel_size": 2, "pipeline_model_parallel_size": 2}),
+    "dp2_tp2_distopt": (4, {"tensor_model_parallel_size": 2, "use_distributed_optimizer": True}),
+    "dp4": (4, {}),
 }
 
 
@@ -67,7 +69,7 @@ def runs(tmp_path_factory):
     return straight, split, resume
 
 
-@pytest.mark.parametrize("layout", ["tp2", "pp2"])
+@pytest.mark.parametrize("layout", ["tp2", "pp2", "dp2_tp2_distopt"])
 def test_same_seed_trains_the_same_model_at_any_layout(layout, runs):
     """Layout-independent init: from scratch, TP=2 and PP=2 log the losses of one process."""
     straight, _, _ = runs
@@ -101,13 +103,15 @@ def test_a_checkpoint_resumes_at_another_layout_with_the_same_losses(source, tar
     assert [r["grad_norm"] for r in continued] == pytest.approx([r["grad_norm"] for r in reference], rel=1e-4)
 
 
-def test_a_tp2_pp2_checkpoint_resumes_in_one_process_as_one_process_trains(runs):
-    """4 ranks (TP2 x PP2) save; one process loads and continues like a one-process run from scratch
-    (same seed, same model at any layout), to float rounding."""
+@pytest.mark.parametrize("target", ["one", "dp4"])
+def test_a_tp2_pp2_checkpoint_resumes_at_one_process_and_at_dp4_as_one_process_trains(target, runs):
+    """4 ranks (TP2 x PP2) save; one process, or 4 data-parallel ranks, load and continue like a
+    one-process run from scratch (same seed, same model at any layout), to float rounding."""
     straight, _, resume = runs
-    continued = resume("tp2_pp2", "one")
+    continued = resume("tp2_pp2", target)
     reference = straight("one")[SPLIT:]
-    print(f"saved at tp2_pp2, resumed at one vs one from scratch: max rel LM-loss diff {max_rel_diff(continued, reference, 'lm'):.1e}")
+    print(f"saved at tp2_pp2, resumed at {target} vs one from scratch: max rel LM-loss diff "
+          f"{max_rel_diff(continued, reference, 'lm'):.1e}")
     assert [r["iteration"] for r in continued] == [r["iteration"] for r in reference]
     assert [r["lm"] for r in continued] == pytest.approx([r["lm"] for r in reference], rel=LOSS_RTOL)
 

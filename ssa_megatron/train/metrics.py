@@ -31,39 +31,29 @@ def model_wide_alignment_loss(layer_losses: torch.Tensor) -> tuple[float, list[f
     return sum(per_layer) / len(per_layer), per_layer
 
 
-def model_wide_lm_loss(microbatch_losses: list[dict], device: torch.device) -> float:
-    """Mean LM loss of the step over micro-batches and data-parallel replicas, known on every rank.
+def model_wide_lm_loss(microbatch_losses: list[dict], device: torch.device) -> tuple[float, dict[str, float]]:
+    """(mean LM loss of the step, mean per training stream) over micro-batches and data-parallel
+    replicas, known on every rank. Collective on every rank: one DP all-reduce, one PP broadcast.
 
-    Only the last pipeline stage has losses; it broadcasts the DP-averaged value to every stage.
+    Only the last pipeline stage has losses. Every replica runs the same number of micro-batches, so
+    the mean over all of them is the mean of the replicas' means. Streams no micro-batch drew (and every
+    stream outside training, where micro-batches carry none) are absent from the second value.
     """
-    value = torch.zeros(1, dtype=torch.float32, device=device)
-    if parallel_state.is_pipeline_last_stage(ignore_virtual=True) and microbatch_losses:
-        value += torch.stack([d["lm loss"].float() for d in microbatch_losses]).mean()
-        dist.all_reduce(value, group=parallel_state.get_data_parallel_group())
-        value /= parallel_state.get_data_parallel_world_size()
-    last_stage_rank = parallel_state.get_pipeline_model_parallel_last_rank()
-    dist.broadcast(value, src=last_stage_rank, group=parallel_state.get_pipeline_model_parallel_group())
-    return value.item()
-
-
-def model_wide_lm_loss_by_stream(microbatch_losses: list[dict], device: torch.device) -> dict[str, float]:
-    """Mean LM loss of the step's micro-batches trained in each stream (over DP replicas), on every rank.
-
-    Streams no micro-batch drew this step are absent. Collective on every rank.
-    """
-    # [full loss sum, full count, sparse loss sum, sparse count]
-    sums = torch.zeros(4, dtype=torch.float32, device=device)
+    # [loss sum, count] for all micro-batches, then for each of STREAMS
+    sums = torch.zeros(2 + 2 * len(STREAMS), dtype=torch.float32, device=device)
     if parallel_state.is_pipeline_last_stage(ignore_virtual=True):
         for d in microbatch_losses:
-            if d.get("stream") is not None:
-                slot = 2 * STREAMS.index(d["stream"])
-                sums[slot] += d["lm loss"].float().to(device)
+            slots = [0] if d.get("stream") is None else [0, 2 + 2 * STREAMS.index(d["stream"])]
+            for slot in slots:
+                sums[slot] += d["lm loss"].float()
                 sums[slot + 1] += 1
         dist.all_reduce(sums, group=parallel_state.get_data_parallel_group())
     last_stage_rank = parallel_state.get_pipeline_model_parallel_last_rank()
     dist.broadcast(sums, src=last_stage_rank, group=parallel_state.get_pipeline_model_parallel_group())
     values = sums.tolist()
-    return {stream: values[2 * i] / values[2 * i + 1] for i, stream in enumerate(STREAMS) if values[2 * i + 1]}
+    mean = values[0] / values[1] if values[1] else 0.0
+    by_stream = {stream: values[2 + 2 * i] / values[3 + 2 * i] for i, stream in enumerate(STREAMS) if values[3 + 2 * i]}
+    return mean, by_stream
 
 
 def flops_per_token(cfg: RunConfig, vocab_size: int) -> float:

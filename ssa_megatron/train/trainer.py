@@ -200,7 +200,7 @@ class Trainer:
         self.step_state.begin_step(self.num_microbatches)
         self.step_state.loss_scale = float(self.optimizer.get_loss_scale())  # one host sync per step
         losses = self._run_schedule(self._train_iters, forward_only=False, iteration=self.iteration)
-        lm_loss = metrics.model_wide_lm_loss(losses, self.ctx.device)
+        lm_loss, lm_loss_by_mode = metrics.model_wide_lm_loss(losses, self.ctx.device)
         finite = math.isfinite(lm_loss) and self._gradients_finite()
         update_ok, grad_norm = False, float("nan")
         if finite:
@@ -232,7 +232,7 @@ class Trainer:
             grad_norm=grad_norm,
             lr=self.optimizer.param_groups[0]["lr"],
             skipped=not update_ok,
-            lm_loss_by_mode=metrics.model_wide_lm_loss_by_stream(losses, self.ctx.device),
+            lm_loss_by_mode=lm_loss_by_mode,
         )
 
     def _gradients_finite(self) -> bool:
@@ -252,7 +252,7 @@ class Trainer:
         self.step_state.use_inference_mode(mode)
         iterators = self.data.valid_iterators(len(self.model))
         values = [
-            metrics.model_wide_lm_loss(self._run_schedule(iterators, forward_only=True, iteration=self.iteration), self.ctx.device)
+            metrics.model_wide_lm_loss(self._run_schedule(iterators, forward_only=True, iteration=self.iteration), self.ctx.device)[0]
             for _ in range(self.cfg.train.eval_iters)
         ]
         return sum(values) / len(values)

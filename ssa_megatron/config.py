@@ -41,6 +41,9 @@ class ModelConfig:
     norm_epsilon: float = 1e-5
     tie_embeddings: bool = True
     init_method_std: float = 0.02
+    # fused linear + cross-entropy (no full logits), RMSNorm, SwiGLU and RoPE kernels; false: Megatron's
+    # plain PyTorch pieces (same results to rounding; for A/B comparisons and debugging)
+    fused_kernels: bool = True
 
     def __post_init__(self):
         for name in ("num_layers", "hidden_size", "ffn_hidden_size", "num_attention_heads", "num_query_groups", "seq_length"):
@@ -114,6 +117,7 @@ class TrainConfig:
     exit_signal_handler: bool = False  # stop on the signals below (Slurm's pre-emption/time-limit warnings)
     exit_signals: tuple[str, ...] = ("SIGTERM", "SIGUSR1", "SIGUSR2")
     max_skipped_steps: int = 10  # abort after this many consecutive steps with a NaN/inf loss or gradient
+    alignment_grad_interval: int = 0  # every N steps: LM vs alignment gradient norms (+1 fwd/bwd; SSA only; 0 off)
     # Megatron's activation recompute: full (uniform|block over recompute_num_layers) or selective
     recompute_granularity: str | None = None
     recompute_method: str | None = None
@@ -139,6 +143,8 @@ class TrainConfig:
         for name in self.exit_signals:
             _require(name in known_signals, f"train.exit_signals: {name!r} is not one of {known_signals}")
         _require(self.max_skipped_steps >= 1, f"train.max_skipped_steps={self.max_skipped_steps}: must be >= 1")
+        _require(self.alignment_grad_interval >= 0,
+                 f"train.alignment_grad_interval={self.alignment_grad_interval}: must be >= 0 (0 disables)")
         _require(
             self.recompute_granularity in (None, "full", "selective"),
             f"train.recompute_granularity={self.recompute_granularity!r}: must be full, selective or null",

@@ -42,6 +42,7 @@ _MODULES = (
     "ssa_kernels.inverse",
     "ssa_kernels.sparse",
     "ssa_kernels.align",
+    "ssa_kernels.cross_entropy",
     "ssa_kernels",
 )
 SUBPROCESS_TEST = "test_kernel_interpreter_process.py"

@@ -17,6 +17,8 @@ _LAZY = {
     "get_ssa_layer_spec": "ssa_megatron.model.layer_specs",
     "SSAStepState": "ssa_megatron.model.step_state",
     "draw_mode": "ssa_megatron.model.step_state",
+    "FusedLossGPTModel": "ssa_megatron.model.output_loss",
+    "linear_cross_entropy": "ssa_megatron.model.output_loss",
 }
 
 __all__ = ["SSAConfig", *_LAZY]

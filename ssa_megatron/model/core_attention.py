@@ -2,7 +2,7 @@
 
 Notation (Megatron's): sq/sk query/key length, b batch, np/ng query heads / KV groups on this
 tensor-parallel rank, hn head dim. In: query ``[sq, b, np, hn]``, key/value ``[sk, b, ng, hn]``
-(RoPE applied); out: ``[sq, b, np * hn]`` for the row-parallel output projection.
+(RoPE applied, or applied here when the gated attention hands over its angles); out: ``[sq, b, np * hn]`` for the row-parallel output projection.
 
 Per forward (one micro-batch, see ``step_state.py``):
 - ``training_mode=ssa`` in training: both streams, gated, their alignment loss recorded and
@@ -24,6 +24,7 @@ from megatron.core.transformer.module import MegatronModule
 from ssa_megatron import ops
 from ssa_megatron.model.config import SSAConfig
 from ssa_megatron.model.alignment import attach_aux_loss
+from ssa_megatron.model.rope import apply_rope
 from ssa_megatron.model.step_state import SSAStepState
 
 
@@ -63,15 +64,18 @@ class SSACoreAttention(MegatronModule):
         self.ssa = ssa
         self.step_state = step_state
         self._gate: torch.Tensor | None = None
+        self._rope_freqs: torch.Tensor | None = None
 
     @contextlib.contextmanager
-    def gated_by(self, gate: torch.Tensor):
-        """Apply the head-wise gate ``[sq, b, np]`` to both streams during one forward."""
-        self._gate = gate
+    def gated_by(self, gate: torch.Tensor, rope_freqs: torch.Tensor | None = None):
+        """Apply the head-wise gate ``[sq, b, np]`` to both streams during one forward, and RoPE by
+        ``rope_freqs [s, 1, 1, d]`` to the queries and keys when the caller left it to this module
+        (the fused RoPE, ``rope.py``)."""
+        self._gate, self._rope_freqs = gate, rope_freqs
         try:
             yield
         finally:
-            self._gate = None
+            self._gate, self._rope_freqs = None, None
 
     def forward(
         self,
@@ -86,6 +90,8 @@ class SSACoreAttention(MegatronModule):
         if packed_seq_params is not None or attention_bias is not None:
             raise ValueError("SSA attention does not support packed sequences or attention_bias")
         sq, b, np_, hn = query.shape
+        if self._rope_freqs is not None:
+            query, key = apply_rope(query, self._rope_freqs), apply_rope(key, self._rope_freqs)
         # [s, b, h, d] -> [b, s, h, d]: the ops' layout
         q, k, v = (t.permute(1, 0, 2, 3) for t in (query, key, value))
         # Megatron hands in the gate as [sq, b, np]; -> [b, sq, np, 1]

@@ -27,9 +27,12 @@ def transformer_engine_available() -> bool:
 
 
 def get_ssa_layer_spec(
-    ssa: SSAConfig, step_state: SSAStepState, *, use_transformer_engine: bool | None = None
+    ssa: SSAConfig, step_state: SSAStepState, *, use_transformer_engine: bool | None = None, fused_rope: bool = False
 ) -> ModuleSpec:
     """One decoder layer: RMSNorm, gated SSA self-attention, RMSNorm, SwiGLU MLP.
+
+    ``fused_rope``: RoPE by ``rope.apply_rope`` (one compiled kernel per tensor) instead of
+    Megatron's unfused or Transformer Engine RoPE.
 
     ``use_transformer_engine=None`` picks TE when it is importable (it is optional: the local spec
     is complete on its own). With TE, the layer norm stays a separate module (not fused into the
@@ -51,7 +54,8 @@ def get_ssa_layer_spec(
         core_attention=functools.partial(SSACoreAttention, ssa=ssa, step_state=step_state),
     )
     gated = ModuleSpec(
-        module=GatedSelfAttention, params=attention.params, submodules=GatedSelfAttentionSubmodules(**fields)
+        module=GatedSelfAttention, params={**attention.params, "fused_rope": fused_rope},
+        submodules=GatedSelfAttentionSubmodules(**fields),
     )
     layer = dataclasses.replace(base.submodules, self_attention=gated, input_layernorm=norm)
     return dataclasses.replace(base, submodules=layer)
@@ -74,8 +78,9 @@ def get_ssa_block_spec(
     *,
     vp_stage: int | None = None,
     use_transformer_engine: bool | None = None,
+    fused_rope: bool = False,
 ) -> TransformerBlockSubmodules:
     """The decoder block of this pipeline stage (and virtual stage): SSA layers, then the final RMSNorm."""
-    layer = get_ssa_layer_spec(ssa, step_state, use_transformer_engine=use_transformer_engine)
+    layer = get_ssa_layer_spec(ssa, step_state, use_transformer_engine=use_transformer_engine, fused_rope=fused_rope)
     num_layers = get_num_layers_to_build(config, vp_stage=vp_stage)
     return TransformerBlockSubmodules(layer_specs=[layer] * num_layers, layer_norm=layer.submodules.input_layernorm)

@@ -12,9 +12,12 @@ import torch
 
 from ssa_megatron.ops import reference
 from ssa_megatron.ops.backend import resolve_backend
-from ssa_megatron.ops.validation import check_block_args, check_idx, check_pair, check_qkv
+from ssa_megatron.ops.validation import check_block_args, check_idx, check_logits_labels, check_pair, check_qkv
 
-__all__ = ["full_attention", "select_blocks", "sparse_attention", "alignment_loss", "resolve_backend"]
+__all__ = [
+    "full_attention", "select_blocks", "sparse_attention", "alignment_loss", "cross_entropy_stats", "cross_entropy_grad_",
+    "resolve_backend",
+]
 
 
 def full_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, backend: str = "auto") -> torch.Tensor:
@@ -62,3 +65,25 @@ def alignment_loss(o_full: torch.Tensor, o_sparse: torch.Tensor, backend: str = 
 
         return ssa_kernels.alignment_loss(o_full, o_sparse)  # fused: one read of each stream per pass
     return reference.alignment_loss(o_full, o_sparse)
+
+
+def cross_entropy_stats(logits: torch.Tensor, labels: torch.Tensor, backend: str = "auto") -> tuple[torch.Tensor, torch.Tensor]:
+    """Per row of ``logits [rows, vocab shard]``: (logsumexp, logit at the shard-local label or 0 where it is -1)."""
+    check_logits_labels(logits, labels)
+    if resolve_backend(backend, logits.device, logits.dtype) == "triton":
+        import ssa_kernels
+
+        return ssa_kernels.cross_entropy_stats(logits, labels)  # one read of the logits
+    return reference.cross_entropy_stats(logits, labels)
+
+
+def cross_entropy_grad_(logits: torch.Tensor, labels: torch.Tensor, lse: torch.Tensor, backend: str = "auto") -> torch.Tensor:
+    """Overwrite ``logits`` with ``softmax - onehot(labels)`` given each row's global ``lse``; returns it."""
+    check_logits_labels(logits, labels)
+    if lse.shape != logits.shape[:1]:
+        raise ValueError(f"lse must be [{logits.shape[0]}], got {tuple(lse.shape)}")
+    if resolve_backend(backend, logits.device, logits.dtype) == "triton":
+        import ssa_kernels
+
+        return ssa_kernels.cross_entropy_grad_(logits, labels, lse)
+    return reference.cross_entropy_grad_(logits, labels, lse)

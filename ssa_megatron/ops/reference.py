@@ -138,3 +138,25 @@ def alignment_loss(o_full: torch.Tensor, o_sparse: torch.Tensor) -> torch.Tensor
     """
     full, sparse = o_full.float(), o_sparse.float()
     return F.smooth_l1_loss(full, sparse.detach(), beta=1.0) + F.smooth_l1_loss(full.detach(), sparse, beta=1.0)
+
+
+# -- cross-entropy over a logits chunk (the fused output layer's per-chunk math) -----------------
+
+
+def cross_entropy_stats(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(``logsumexp`` of each row, the row's logit at ``labels`` or 0 where it is -1), float32.
+
+    logits ``[rows, vocab]`` (one rank's vocabulary shard), labels ``[rows]`` shard-local, -1 for
+    labels outside the shard.
+    """
+    x = logits.float()
+    picked = x.gather(1, labels.clamp(min=0).long().unsqueeze(1)).squeeze(1)
+    return torch.logsumexp(x, dim=1), torch.where(labels >= 0, picked, torch.zeros_like(picked))
+
+
+def cross_entropy_grad_(logits: torch.Tensor, labels: torch.Tensor, lse: torch.Tensor) -> torch.Tensor:
+    """Overwrite ``logits`` with ``softmax - onehot(labels)`` (rows normalised by the given ``lse``)."""
+    p = torch.exp(logits.float() - lse.unsqueeze(1))
+    rows = torch.nonzero(labels >= 0).squeeze(1)
+    p[rows, labels[rows].long()] -= 1.0
+    return logits.copy_(p)

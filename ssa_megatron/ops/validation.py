@@ -59,3 +59,13 @@ def check_pair(o_full: torch.Tensor, o_sparse: torch.Tensor) -> None:
         raise ValueError(f"o_full is on {o_full.device} but o_sparse is on {o_sparse.device}: pass both on one device")
     if not o_full.is_floating_point() or not o_sparse.is_floating_point():
         raise ValueError(f"o_full/o_sparse must be floating tensors, got {o_full.dtype}/{o_sparse.dtype}")
+
+
+def check_logits_labels(logits: torch.Tensor, labels: torch.Tensor) -> None:
+    """``logits [rows, vocab]`` (columns contiguous) and shard-local ``labels [rows]`` in ``[-1, vocab)``."""
+    if logits.dim() != 2 or logits.stride(1) != 1:
+        raise ValueError(f"logits must be [rows, vocab] with contiguous columns, got shape {tuple(logits.shape)}")
+    if labels.shape != logits.shape[:1] or labels.dtype not in (torch.int32, torch.int64):
+        raise ValueError(f"labels must be [{logits.shape[0]}] int32/int64, got {tuple(labels.shape)} {labels.dtype}")
+    if labels.device != logits.device:
+        raise ValueError(f"labels are on {labels.device}, logits on {logits.device}")

@@ -18,6 +18,7 @@ from megatron.core.transformer.transformer_config import TransformerConfig
 
 from ssa_megatron.config import RunConfig
 from ssa_megatron.model.layer_specs import get_ssa_block_spec
+from ssa_megatron.model.output_loss import FusedLossGPTModel
 from ssa_megatron.model.step_state import SSAStepState
 
 # The embedding/output rows are padded to a multiple of this (fast GEMM shapes).
@@ -78,7 +79,7 @@ def transformer_config(cfg: RunConfig) -> TransformerConfig:
         pipeline_dtype=dtype,
         bf16=dtype == torch.bfloat16,
         # Fusions that need apex/TE or CUDA-only JIT: the plain PyTorch path is complete without them.
-        bias_activation_fusion=False,
+        bias_activation_fusion=m.fused_kernels,  # SwiGLU: Megatron's torch.compile'd kernel (no apex/TE needed)
         bias_dropout_fusion=False,
         masked_softmax_fusion=False,
         apply_rope_fusion=False,
@@ -94,9 +95,11 @@ def build_model_chunks(cfg: RunConfig, config: TransformerConfig, step_state: SS
     chunks = []
     for vp_stage in range(vpp or 1):
         stage = vp_stage if vpp else None
-        model = GPTModel(
+        model_class, extra = (FusedLossGPTModel, {"ops_backend": cfg.ssa.backend}) if cfg.model.fused_kernels else (GPTModel, {})
+        model = model_class(
             config=config,
-            transformer_layer_spec=get_ssa_block_spec(config, cfg.ssa, step_state, vp_stage=stage),
+            transformer_layer_spec=get_ssa_block_spec(config, cfg.ssa, step_state, vp_stage=stage,
+                                                       fused_rope=cfg.model.fused_kernels),
             vocab_size=padded_vocab_size(vocab_size, config.tensor_model_parallel_size),
             max_sequence_length=cfg.model.seq_length,
             pre_process=parallel_state.is_pipeline_first_stage(ignore_virtual=False, vp_stage=stage),
@@ -105,6 +108,7 @@ def build_model_chunks(cfg: RunConfig, config: TransformerConfig, step_state: SS
             position_embedding_type="rope",
             rotary_base=cfg.model.rotary_base,
             vp_stage=stage,
+            **extra,
         )
         chunks.append(model)
     return chunks

@@ -175,7 +175,7 @@ class Trainer:
             stream = self.step_state.stream_tag()  # carried as attention_mask: exact under recompute
             mode = self.step_state.mode
         batch = {k: v.to(self.ctx.device, non_blocking=True) for k, v in next(data_iterator).items()}
-        output = model(batch["tokens"], batch["position_ids"], stream, labels=batch["labels"])
+        output = model(batch["tokens"], batch["position_ids"], stream, labels=batch["labels"], loss_mask=batch["loss_mask"])
         return output, partial(_masked_mean_loss, batch["loss_mask"], mode)
 
     def _run_schedule(self, iterators, *, forward_only: bool, iteration: int) -> list[dict]:

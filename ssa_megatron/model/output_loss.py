@@ -25,7 +25,7 @@ from megatron.core.models.gpt import GPTModel
 
 from ssa_megatron import ops
 
-LOGITS_CHUNK_BYTES = 1 << 30  # logits held at once; tokens per chunk = this / (vocab shard x element size)
+LOGITS_CHUNK_BYTES = 1 << 29  # logits held at once; tokens per chunk = this / (vocab shard x element size)
 
 
 class LinearCrossEntropy(torch.autograd.Function):
@@ -74,8 +74,10 @@ def _reduce_over_ranks(lse, target, group):
     """Combine the shards' (logsumexp, target logit) of each row: one all-gather."""
     if group is None or dist.get_world_size(group) == 1:
         return lse, target
-    parts = torch.empty(dist.get_world_size(group), 2, lse.numel(), dtype=lse.dtype, device=lse.device)
+    world = dist.get_world_size(group)
+    parts = torch.empty(world * 2, lse.numel(), dtype=lse.dtype, device=lse.device)  # gloo wants [world * 2, n]
     dist.all_gather_into_tensor(parts, torch.stack([lse, target]), group=group)
+    parts = parts.view(world, 2, -1)
     return torch.logsumexp(parts[:, 0], dim=0), parts[:, 1].sum(0)  # only the label's shard has a target
 
 

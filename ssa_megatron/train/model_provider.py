@@ -19,6 +19,7 @@ from megatron.core.transformer.transformer_config import TransformerConfig
 from ssa_megatron.config import RunConfig
 from ssa_megatron.model.layer_specs import get_ssa_block_spec
 from ssa_megatron.model.output_loss import FusedLossGPTModel
+from ssa_megatron.train.distributed import resolve_device
 from ssa_megatron.model.step_state import SSAStepState
 
 # The embedding/output rows are padded to a multiple of this (fast GEMM shapes).
@@ -33,6 +34,15 @@ def padded_vocab_size(vocab_size: int, tensor_parallel_size: int) -> int:
     """
     multiple = math.lcm(VOCAB_PAD_MULTIPLE, tensor_parallel_size)
     return -(-vocab_size // multiple) * multiple
+
+
+def compiled_fusions(cfg: RunConfig) -> bool:
+    """RoPE and SwiGLU as ``torch.compile``'d kernels: on GPUs, where they save ~40 ms per 1B step.
+
+    On CPU (tests, debugging) compiling costs seconds per process and saves nothing, so the plain
+    modules run there; ``tests/train/test_fused_kernels.py`` compiles them on CPU on purpose.
+    """
+    return cfg.model.fused_kernels and resolve_device(cfg.train.device).type == "cuda"
 
 
 def transformer_config(cfg: RunConfig) -> TransformerConfig:
@@ -79,7 +89,7 @@ def transformer_config(cfg: RunConfig) -> TransformerConfig:
         pipeline_dtype=dtype,
         bf16=dtype == torch.bfloat16,
         # Fusions that need apex/TE or CUDA-only JIT: the plain PyTorch path is complete without them.
-        bias_activation_fusion=m.fused_kernels,  # SwiGLU: Megatron's torch.compile'd kernel (no apex/TE needed)
+        bias_activation_fusion=compiled_fusions(cfg),  # SwiGLU: Megatron's torch.compile'd kernel (no apex/TE)
         bias_dropout_fusion=False,
         masked_softmax_fusion=False,
         apply_rope_fusion=False,
@@ -99,7 +109,7 @@ def build_model_chunks(cfg: RunConfig, config: TransformerConfig, step_state: SS
         model = model_class(
             config=config,
             transformer_layer_spec=get_ssa_block_spec(config, cfg.ssa, step_state, vp_stage=stage,
-                                                       fused_rope=cfg.model.fused_kernels),
+                                                       fused_rope=compiled_fusions(cfg)),
             vocab_size=padded_vocab_size(vocab_size, config.tensor_model_parallel_size),
             max_sequence_length=cfg.model.seq_length,
             pre_process=parallel_state.is_pipeline_first_stage(ignore_virtual=False, vp_stage=stage),

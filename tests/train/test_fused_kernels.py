@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 from synthetic_data import InMemoryData, in_memory_data
 from tiny_config import tiny_config
 
+from ssa_megatron.model import core_attention as core_attention_module
+from ssa_megatron.train import model_provider
 from ssa_megatron.train.trainer import Trainer
 
 
@@ -27,9 +30,12 @@ def masked_data(cfg, ctx):
     return data
 
 
-def train(fused: bool, steps: int = 3):
+def train(fused: bool, steps: int = 3, device: str = "cpu", dtype: str = "fp32"):
     # a large init makes attention peaked, so RoPE, selection and the alignment loss all matter
-    cfg = tiny_config(model={"fused_kernels": fused, "init_method_std": 0.3}, train={"train_iters": steps})
+    model = {"fused_kernels": fused, "init_method_std": 0.3}
+    if device == "cuda":
+        model.update(hidden_size=64, ffn_hidden_size=128)  # head dim 16: what the Triton kernels take
+    cfg = tiny_config(model=model, train={"train_iters": steps, "device": device, "dtype": dtype})
     trainer = Trainer(cfg, masked_data)
     try:
         records = [trainer.step() for _ in range(steps)]
@@ -39,9 +45,16 @@ def train(fused: bool, steps: int = 3):
         trainer.close()
 
 
-def test_fused_and_plain_models_train_the_same_losses_gradients_and_weights():
+def test_fused_and_plain_models_train_the_same_losses_gradients_and_weights(monkeypatch):
+    # the compiled RoPE and SwiGLU run on GPUs only by default: compile them here too
+    monkeypatch.setattr(model_provider, "compiled_fusions", lambda cfg: cfg.model.fused_kernels)
+    rope_calls = []
+    apply_rope = core_attention_module.apply_rope
+    monkeypatch.setattr(core_attention_module, "apply_rope", lambda t, f: rope_calls.append(1) or apply_rope(t, f))
     plain, plain_weights = train(fused=False)
+    assert not rope_calls
     fused, fused_weights = train(fused=True)
+    assert rope_calls  # the fused run did take the fused RoPE
     for p, f in zip(plain, fused):
         assert abs(p.lm_loss - f.lm_loss) <= 1e-5 * abs(p.lm_loss)
         assert abs(p.alignment_loss - f.alignment_loss) <= 1e-4 * abs(p.alignment_loss) + 1e-9
@@ -52,3 +65,12 @@ def test_fused_and_plain_models_train_the_same_losses_gradients_and_weights():
         # Adam turns ~1e-7 gradient differences (another summation order) in near-zero gradient entries into
         # parameter differences up to ~3e-5 after 3 steps at lr 1e-2: 1% of one step's size
         assert torch.allclose(fused_weights[name], w, rtol=0, atol=1e-4), name
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="GPU check (the Triton cross-entropy kernels, bf16)")
+def test_fused_and_plain_models_agree_on_the_gpu_in_bf16():
+    plain, _ = train(fused=False, device="cuda", dtype="bf16")
+    fused, _ = train(fused=True, device="cuda", dtype="bf16")
+    for p, f in zip(plain, fused):  # bf16 activations: both paths round differently at every op
+        assert abs(p.lm_loss - f.lm_loss) <= 2e-3 * abs(p.lm_loss)
+        assert abs(p.grad_norm - f.grad_norm) <= 3e-2 * p.grad_norm

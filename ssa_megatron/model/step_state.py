@@ -45,13 +45,17 @@ class SSAStepState:
         self.tp_size = tp_size
         self.mode = ssa.attention_mode if ssa.training_mode == "ssa" else ssa.training_mode
         self.num_microbatches = 1
+        self.alignment_weight = ssa.alpha  # the alignment loss's weight in this step's backward
         self.loss_scale = 1.0  # the optimizer's grad scale (fp16 loss scaling), 1 otherwise
         self._layer_losses: torch.Tensor | None = None  # [num_layers] sums of this step's per-micro-batch means
         self.sparse_microbatches = 0
         self.microbatches = 0
 
-    def begin_step(self, num_microbatches: int) -> None:
+    def begin_step(self, num_microbatches: int, alignment_weight: float | None = None) -> None:
+        """Reset the records; ``alignment_weight`` replaces ``ssa.alpha`` in this step's backward (the
+        trainer's gradient diagnostic backpropagates the alignment loss alone at weight 1)."""
         self.num_microbatches = num_microbatches
+        self.alignment_weight = self.ssa.alpha if alignment_weight is None else alignment_weight
         self._layer_losses = None
         self.sparse_microbatches = 0
         self.microbatches = 0
@@ -92,7 +96,7 @@ class SSAStepState:
         The objective is ``CE + alpha * mean_layers(L_align)`` averaged over micro-batches, where each
         TP rank's loss is the mean over its own heads: the model-wide layer loss is the mean over ranks.
         """
-        return self.ssa.alpha * self.loss_scale / (self.num_layers * self.num_microbatches * self.tp_size)
+        return self.alignment_weight * self.loss_scale / (self.num_layers * self.num_microbatches * self.tp_size)
 
     def record_alignment(self, layer_number: int, loss: torch.Tensor) -> None:
         """Add one micro-batch's alignment loss of global layer ``layer_number`` (1-based)."""

@@ -35,6 +35,8 @@ OVERRIDES = [
      dict(type=int, help="model chunks per pipeline stage (interleaved 1F1B)")),
     ("--data-path", "data", "data_path", dict(nargs="+", help="prefix, or a blend: WEIGHT PREFIX [WEIGHT PREFIX ...]")),
     ("--tokenizer", "data", "tokenizer", dict(help="Hugging Face tokenizer directory")),
+    ("--training-mode", "ssa", "training_mode", dict(choices=("ssa", "full", "sparse"))),
+    ("--alpha", "ssa", "alpha", dict(type=float)),
     ("--train-iters", "train", "train_iters", dict(type=int, help="optimizer steps of the whole run")),
     ("--device", "train", "device", dict(choices=("auto", "cuda", "cpu"))),
     ("--seed", "train", "seed", dict(type=int)),

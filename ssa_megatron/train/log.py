@@ -80,6 +80,9 @@ class StepLogger:
             *("found" if found[n] else "absent" for n in found),
             "" if any(found.values()) else " (the PyTorch + Triton path is used)",
         )
+        if cfg.train.alignment_grad_interval and cfg.ssa.training_mode != "ssa":
+            logger.info("train.alignment_grad_interval=%d: not measured (training_mode=%s has no alignment loss)",
+                        cfg.train.alignment_grad_interval, cfg.ssa.training_mode)
         if loaded_iteration is not None:
             logger.info("resumed from %s at iteration %d (continuing at %d) | load time: %.1f s",
                         self.cfg.checkpoint.load, loaded_iteration, iteration, load_seconds)
@@ -99,6 +102,8 @@ class StepLogger:
         if self._bar is not None:
             self._bar.update(1)
             self._bar.set_postfix(loss=f"{record.lm_loss:.4f}")
+        if record.alignment_gradient is not None:  # measured on its own interval: logged whenever present
+            self._log_alignment_gradient(record.iteration, record.alignment_gradient)
         last = record.iteration == self.cfg.train.train_iters
         if record.iteration % self.cfg.train.log_interval and not last:
             return
@@ -136,6 +141,17 @@ class StepLogger:
             self._scalar(f"train/{key}", value, record.iteration)
         for layer, value in enumerate(record.layer_alignment_losses, start=1):
             self._scalar(f"alignment/layer_{layer:02d}", value, record.iteration)
+
+    def _log_alignment_gradient(self, iteration: int, split) -> None:
+        alpha = self.cfg.ssa.alpha
+        self._print(
+            f"alignment gradient at iteration {iteration} | lm loss grad norm: {split.lm_norm:.4f} | "
+            f"alignment loss grad norm (unweighted): {split.alignment_norm:.4e} | "
+            f"alignment share of grad norm (alpha={alpha:g}): {split.share:.4f}"
+        )
+        self._scalar("alignment/grad norm (lm loss)", split.lm_norm, iteration)
+        self._scalar("alignment/grad norm (alignment loss, unweighted)", split.alignment_norm, iteration)
+        self._scalar("alignment/share of grad norm", split.share, iteration)
 
     def _mode_summary(self, sparse_fraction: float) -> str:
         if self.cfg.ssa.training_mode != "ssa":

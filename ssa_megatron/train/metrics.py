@@ -6,9 +6,12 @@ contributes zeros): no early return can leave other ranks waiting in an all-redu
 
 from __future__ import annotations
 
+import dataclasses
+
 import torch
 import torch.distributed as dist
 from megatron.core import parallel_state
+from megatron.core.optimizer.clip_grads import get_grad_norm_fp32
 
 from ssa_megatron.config import RunConfig
 from ssa_megatron.model.step_state import STREAMS
@@ -54,6 +57,43 @@ def model_wide_lm_loss(microbatch_losses: list[dict], device: torch.device) -> t
     mean = values[0] / values[1] if values[1] else 0.0
     by_stream = {stream: values[2 + 2 * i] / values[3 + 2 * i] for i, stream in enumerate(STREAMS) if values[3 + 2 * i]}
     return mean, by_stream
+
+
+@dataclasses.dataclass(frozen=True)
+class AlignmentGradient:
+    """One step's gradient split into ``grad(CE)`` and ``alpha * grad(mean_layers L_align)``."""
+
+    lm_norm: float  # ||grad CE||
+    alignment_norm: float  # ||grad mean_layers(L_align)||, unweighted (so it is known at alpha = 0 too)
+    share: float  # alpha * alignment_norm / (alpha * alignment_norm + lm_norm): the alignment term's share
+
+
+def optimizer_grads(optimizer, copy: bool = False) -> list[torch.Tensor]:
+    """The gradients the optimizer's grad norm counts (shared and TP-duplicate parameters once; this
+    rank's shard under the distributed optimizer), after it has taken them from the DDP buffers.
+
+    ``copy``: clones, for gradients that must outlive the next ``zero_grad_buffer``. Under bf16/fp32
+    there is no grad scaler, so ``prepare_grads`` only copies and may run again in ``optimizer.step``.
+    """
+    optimizer.prepare_grads()
+    grads = [g for o in getattr(optimizer, "chained_optimizers", [optimizer]) for g in o.get_main_grads_for_grad_norm()]
+    return [g.clone() for g in grads] if copy else grads
+
+
+def split_gradient(optimizer, alignment_grads: list[torch.Tensor], alpha: float) -> AlignmentGradient:
+    """Split the step's gradient (in the optimizer now) given ``alignment_grads`` = grad(mean_layers L_align)
+    of the same micro-batches and weights (``optimizer_grads(copy=True)`` after a pass at weight 1).
+
+    The total is ``grad CE + alpha * alignment``, so the LM part is their difference. Norms are
+    model-wide, reduced like Megatron's own grad norm (collective on every rank).
+    """
+    total = optimizer_grads(optimizer)
+    group = optimizer.get_grad_stats_parallel_group()
+    alignment = float(get_grad_norm_fp32(alignment_grads, grad_stats_parallel_group=group))
+    lm = float(get_grad_norm_fp32([t - alpha * a for t, a in zip(total, alignment_grads)], grad_stats_parallel_group=group))
+    weighted = alpha * alignment
+    return AlignmentGradient(lm_norm=lm, alignment_norm=alignment,
+                             share=weighted / (weighted + lm) if weighted + lm > 0 else 0.0)
 
 
 def flops_per_token(cfg: RunConfig, vocab_size: int) -> float:

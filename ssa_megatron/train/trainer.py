@@ -7,6 +7,9 @@ through ``get_forward_backward_func()`` (no pipelining, 1F1B or interleaved 1F1B
 of each micro-batch is drawn from (seed, iteration, micro-batch) in ``_forward_step`` and travels
 with it. A signal, ``exit_duration_in_mins`` or ``exit_interval`` stops every rank at the same
 step: it saves and exits with ``EXIT_CODE_SAVED`` (3) so a launcher can requeue the job.
+Every ``train.alignment_grad_interval`` steps of SSA training, the step's micro-batches first run
+once with the alignment loss alone in backward, to split the gradient into its LM and alignment parts
+(``metrics.split_gradient``); the update itself is unchanged.
 """
 
 from __future__ import annotations
@@ -52,6 +55,7 @@ class StepRecord:
     lr: float
     skipped: bool = False  # NaN/inf loss or gradient: no update was made
     lm_loss_by_mode: dict[str, float] = dataclasses.field(default_factory=dict)
+    alignment_gradient: metrics.AlignmentGradient | None = None  # on train.alignment_grad_interval steps
 
 
 @dataclasses.dataclass
@@ -162,8 +166,9 @@ class Trainer:
 
     # -- one micro-batch ---------------------------------------------------------------------------
 
-    def _forward_step(self, counters: dict, iteration: int, data_iterator, model):
-        """Megatron's forward-step contract: return (output, loss function)."""
+    def _forward_step(self, counters: dict, iteration: int, lm_weight: float, data_iterator, model):
+        """Megatron's forward-step contract: return (output, loss function); ``lm_weight`` scales the LM
+        loss in backward (0: only the alignment loss, joined inside the layers, has a gradient)."""
         microbatch = counters.get(id(model), 0)
         counters[id(model)] = microbatch + 1
         stream, mode = None, None
@@ -176,12 +181,13 @@ class Trainer:
             mode = self.step_state.mode
         batch = {k: v.to(self.ctx.device, non_blocking=True) for k, v in next(data_iterator).items()}
         output = model(batch["tokens"], batch["position_ids"], stream, labels=batch["labels"], loss_mask=batch["loss_mask"])
-        return output, partial(_masked_mean_loss, batch["loss_mask"], mode)
+        loss_func = partial(_masked_mean_loss, batch["loss_mask"], mode)
+        return output, (loss_func if lm_weight == 1 else partial(_weighted_loss, lm_weight, loss_func))
 
-    def _run_schedule(self, iterators, *, forward_only: bool, iteration: int) -> list[dict]:
+    def _run_schedule(self, iterators, *, forward_only: bool, iteration: int, lm_weight: float = 1.0) -> list[dict]:
         counters: dict = {}
         return get_forward_backward_func()(
-            forward_step_func=partial(self._forward_step, counters, iteration),
+            forward_step_func=partial(self._forward_step, counters, iteration, lm_weight),
             data_iterator=iterators if len(self.model) > 1 else iterators[0],
             model=self.model,
             num_microbatches=self.num_microbatches,
@@ -193,17 +199,20 @@ class Trainer:
     # -- one optimizer step ------------------------------------------------------------------------
 
     def step(self) -> StepRecord:
-        for m in self.model:
-            m.train()
-            m.zero_grad_buffer()
-        self.optimizer.zero_grad()
-        self.step_state.begin_step(self.num_microbatches)
-        self.step_state.loss_scale = float(self.optimizer.get_loss_scale())  # one host sync per step
-        losses = self._run_schedule(self._train_iters, forward_only=False, iteration=self.iteration)
+        iterators, alignment_grads = self._train_iters, None
+        if self._measures_alignment_gradient():
+            # both passes must see the same micro-batches: take the step's from the loader once
+            batches = [[next(it) for _ in range(self.num_microbatches)] for it in self._train_iters]
+            alignment_grads = self._alignment_gradient([iter(b) for b in batches])
+            iterators = [iter(b) for b in batches]
+        self._begin_pass()
+        losses = self._run_schedule(iterators, forward_only=False, iteration=self.iteration)
         lm_loss, lm_loss_by_mode = metrics.model_wide_lm_loss(losses, self.ctx.device)
         finite = math.isfinite(lm_loss) and self._gradients_finite()
-        update_ok, grad_norm = False, float("nan")
+        update_ok, grad_norm, split = False, float("nan"), None
         if finite:
+            if alignment_grads is not None:  # before the step: clipping scales the gradients in place
+                split = metrics.split_gradient(self.optimizer, alignment_grads, self.cfg.ssa.alpha)
             update_ok, norm, _ = self.optimizer.step()
             grad_norm = float(norm) if norm is not None else float("nan")
         if update_ok:
@@ -233,7 +242,28 @@ class Trainer:
             lr=self.optimizer.param_groups[0]["lr"],
             skipped=not update_ok,
             lm_loss_by_mode=lm_loss_by_mode,
+            alignment_gradient=split,
         )
+
+    def _begin_pass(self, alignment_weight: float | None = None) -> None:
+        """Empty gradients and per-step records before a forward/backward pass over the step's micro-batches."""
+        for m in self.model:
+            m.train()
+            m.zero_grad_buffer()
+        self.optimizer.zero_grad()
+        self.step_state.begin_step(self.num_microbatches, alignment_weight)
+        self.step_state.loss_scale = float(self.optimizer.get_loss_scale())  # one host sync per step
+
+    def _measures_alignment_gradient(self) -> bool:
+        interval = self.cfg.train.alignment_grad_interval
+        return bool(interval) and self.cfg.ssa.training_mode == "ssa" and (self.iteration + 1) % interval == 0
+
+    def _alignment_gradient(self, iterators) -> list[torch.Tensor]:
+        """grad of mean_layers(L_align) alone (weight 1, LM loss weighted 0) on this step's micro-batches,
+        copied out of the optimizer before the real pass overwrites the buffers."""
+        self._begin_pass(alignment_weight=1.0)
+        self._run_schedule(iterators, forward_only=False, iteration=self.iteration, lm_weight=0.0)
+        return metrics.optimizer_grads(self.optimizer, copy=True)
 
     def _gradients_finite(self) -> bool:
         """No NaN/inf in any rank's gradient buffers (a sum propagates both). Collective."""
@@ -285,6 +315,12 @@ def _masked_mean_loss(loss_mask: torch.Tensor, stream: str | None, per_token_los
     loss = (per_token_loss.reshape(-1).float() * mask).sum() / mask.sum().clamp(min=1)
     # clone: the schedule divides the returned loss in place by the number of micro-batches
     return loss, {"lm loss": loss.detach().clone(), "stream": stream}
+
+
+def _weighted_loss(weight: float, loss_func, per_token_loss: torch.Tensor):
+    """``loss_func``'s loss times ``weight`` in backward; the logged value stays unweighted."""
+    loss, logged = loss_func(per_token_loss)
+    return loss * weight, logged
 
 
 def train(cfg: RunConfig, build_data=build_training_data) -> TrainResult:

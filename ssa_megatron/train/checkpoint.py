@@ -539,12 +539,60 @@ class _OneProcessModel:
         self._distributed.shutdown()
 
 
+def _in_a_cpu_process(fn, *args):
+    """``fn(*args)`` here, or, where a GPU is visible, in a spawned process that sees none.
+
+    The one-process model runs on the CPU through ``cpu_support``, which patches ``torch.cuda`` for
+    the whole process and so must never run in one that uses its GPU (an evaluation on a GPU node
+    loads the checkpoint, then runs the model on the GPU). Tensors cross in shared memory; an error
+    in the child is raised here as it was raised there.
+    """
+    if not torch.cuda.is_available():
+        return fn(*args)
+    import tempfile
+
+    import torch.multiprocessing as mp
+
+    with tempfile.TemporaryDirectory(prefix="ssa_cpu_load_") as tmp:
+        out = os.path.join(tmp, "result.pt")
+        hidden = os.environ.get("CUDA_VISIBLE_DEVICES")
+        os.environ["CUDA_VISIBLE_DEVICES"] = ""  # read by the child's CUDA runtime at its start
+        try:
+            child = mp.get_context("spawn").Process(target=_cpu_process_main, args=(fn, args, out))
+            child.start()
+        finally:
+            if hidden is None:
+                del os.environ["CUDA_VISIBLE_DEVICES"]
+            else:
+                os.environ["CUDA_VISIBLE_DEVICES"] = hidden
+        child.join()
+        if not os.path.exists(out):
+            raise CheckpointError(f"the CPU process loading/saving the checkpoint died (exit code {child.exitcode})")
+        outcome = torch.load(out, weights_only=False)
+    if "error" in outcome:
+        raise outcome["error"]
+    return outcome["result"]
+
+
+def _cpu_process_main(fn, args, out: str) -> None:
+    try:
+        outcome = {"result": fn(*args)}
+    except Exception as err:  # handed to the parent, which raises it
+        outcome = {"error": err}
+    torch.save(outcome, out)
+
+
 def load_full_state_dict(load_dir: str | Path, ckpt_step: int | None = None) -> tuple[RunConfig, dict[str, torch.Tensor]]:
     """(the run config, the full float32 weights in one-process GPTModel names) of a saved checkpoint.
 
-    Any saved layout loads in one CPU process (tensors are stored by global shape and offset).
-    Starts and ends its own one-process world: call it where no other is initialised.
+    Any saved layout loads in one CPU process (tensors are stored by global shape and offset); on a
+    machine with a GPU, in a child process. Starts and ends its own one-process world: call it where
+    no other is initialised.
     """
+    return _in_a_cpu_process(_load_full_state_dict, load_dir, ckpt_step)
+
+
+def _load_full_state_dict(load_dir, ckpt_step):
     from ssa_megatron.train.full_state import gather_full_state
 
     root = Path(load_dir)
@@ -567,7 +615,12 @@ def load_full_state_dict(load_dir: str | Path, ckpt_step: int | None = None) -> 
 
 def save_model_checkpoint(cfg: RunConfig, full_state: dict[str, torch.Tensor], save_dir: str | Path) -> Path:
     """Write full weights as a weights-only checkpoint (iteration 0) that ``ssa-pretrain --load`` continues
-    from with fine-tuning semantics (fresh optimizer and data position). Starts its own one-process world."""
+    from with fine-tuning semantics (fresh optimizer and data position). Starts its own one-process world
+    (on the CPU; in a child process where a GPU is visible)."""
+    return _in_a_cpu_process(_save_model_checkpoint, cfg, full_state, save_dir)
+
+
+def _save_model_checkpoint(cfg, full_state, save_dir):
     from ssa_megatron.train.full_state import load_full_state
 
     root = Path(save_dir)

@@ -332,3 +332,23 @@ def test_export_loads_and_generates_where_ssa_megatron_is_not_importable(exports
             torch.testing.assert_close(torch.tensor(alone[mode]), model(tokens, attention_mode=mode).logits, rtol=0, atol=1e-6)
             generated = model.generate(tokens, max_new_tokens=8, do_sample=False, attention_mode=mode)
             assert torch.equal(torch.tensor(alone[mode + "_generate"]), generated)
+
+
+def test_on_a_machine_with_a_gpu_checkpoints_load_and_save_in_a_cpu_only_child(checkpoints, tmp_path, monkeypatch):
+    """Where a GPU is visible, the CPU model must not patch torch.cuda in the caller's process (it runs
+    on the GPU next): loading and saving happen in a spawned child that sees no GPU. This machine has
+    no GPU, so the caller is told it has one; the child, a fresh interpreter, sees the truth."""
+    from ssa_megatron.train import checkpoint as checkpoint_module
+
+    _, here = checkpoint_module.load_full_state_dict(checkpoints["tp2"])
+    children = []
+    spawn = checkpoint_module._in_a_cpu_process
+    monkeypatch.setattr(checkpoint_module, "_in_a_cpu_process", lambda fn, *a: children.append(fn) or spawn(fn, *a))
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    cfg, there = checkpoint_module.load_full_state_dict(checkpoints["tp2"])
+    assert children and cfg.model.vocab_size == MODEL["vocab_size"]
+    assert here.keys() == there.keys() and all(torch.equal(here[k], there[k]) for k in here)
+    saved = checkpoint_module.save_model_checkpoint(cfg, there, tmp_path / "resaved")
+    assert saved.is_dir() and len(children) == 2
+    with pytest.raises(checkpoint_module.CheckpointError, match="no latest_checkpointed_iteration"):
+        checkpoint_module.load_full_state_dict(tmp_path / "nothing_here")  # the child's error, raised here

@@ -20,8 +20,6 @@ what is left, so a call ends in time (saved, exit code 3) and the same command c
 from __future__ import annotations
 
 import argparse
-import os
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -84,27 +82,16 @@ def train(args, runs: list[Run]) -> bool:
 
 
 def export(run: Run, args) -> Path:
-    """The run's final checkpoint as an HF export (``ssa-convert to-hf``), made once.
+    """The run's final checkpoint as an HF export (``ssa-convert to-hf``), made once."""
+    from ssa_megatron.convert.cli import main as convert
 
-    The converter builds the Megatron model on the CPU, whose support shim refuses to start where a GPU is
-    visible: on a GPU machine it runs in a child process that sees none.
-    """
     hf = run.export_dir(args.out)
     if (hf / "config.json").is_file():
         return hf
     argv = ["to-hf", "--load-dir", str(run.checkpoints(args.out)), "--save-dir", str(hf),
             "--tokenizer", str(args.data_dir / TOKENIZER)]
-    import torch
-
-    if torch.cuda.is_available():
-        print(f"\n$ CUDA_VISIBLE_DEVICES= python -m ssa_megatron.convert.cli {' '.join(argv)}", flush=True)
-        subprocess.run([sys.executable, "-m", "ssa_megatron.convert.cli", *argv], check=True,
-                       env={**os.environ, "CUDA_VISIBLE_DEVICES": ""})
-    else:
-        from ssa_megatron.convert.cli import main as convert
-
-        if call("ssa-convert", convert, argv) != 0:
-            raise RuntimeError(f"ssa-convert to-hf failed for run {run.name}: see its output above")
+    if call("ssa-convert", convert, argv) != 0:
+        raise RuntimeError(f"ssa-convert to-hf failed for run {run.name}: see its output above")
     return hf
 
 

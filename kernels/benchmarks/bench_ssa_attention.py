@@ -15,6 +15,9 @@ Sections (each guarded: a failure is recorded in the JSON and the run goes on):
           memory of each, useful TFLOP/s.
   layer   one SSA training layer's attention at 8k (full SDPA + selection + sparse + alignment loss,
           fwd+bwd) vs dense SDPA fwd+bwd alone.
+  select  select_blocks alone: every (block, top-k) config at every --seqs length, each autotune
+          candidate of the paper's block 16 / top-16 timed on its own, the pooling kernel, and the
+          exact-set check against the oracle at 8k and 32k (plus head_dim 128 and 8 heads per group).
 
 FLOPs (FlashAttention's convention): forward 4 * d * (query heads) * (attended keys), backward 2.5x
 the forward. Sparse "useful" FLOPs count only the keys a query attends (its selected blocks, keys
@@ -423,6 +426,88 @@ def check(b: int, s: int, block_size: int, top_k: int) -> dict:
     return r
 
 
+# ----------------------------------------------------------------------------- selection alone
+
+
+def _cfg_name(cfg) -> str:
+    return " ".join(f"{k}={v}" for k, v in cfg.kwargs.items()) + f" warps={cfg.num_warps} stages={cfg.num_stages}" + (
+        f" maxnreg={cfg.maxnreg}" if cfg.maxnreg else "")
+
+
+def _with_configs(kern, cfgs, fn):
+    """Run ``fn`` with the autotuner ``kern`` restricted to ``cfgs`` (its cache emptied before and after)."""
+    saved, kern.configs, kern.cache = kern.configs, cfgs, {}
+    try:
+        return fn()
+    finally:
+        kern.configs, kern.cache = saved, {}
+
+
+def _first_candidates(fn):
+    """``fn`` with both selection kernels on their first autotune candidate (one compile per shape)."""
+    return _with_configs(select_mod.lse_kernel, select_mod.LSE_CANDIDATES[:1], lambda: _with_configs(
+        select_mod.select_blocks_kernel, select_mod.CANDIDATES[:1], fn))
+
+
+def time_select(b: int, s: int, block_size: int, top_k: int, detail: bool) -> dict:
+    """select_blocks at one shape: autotuned time and picks; with ``detail`` every candidate of both kernels."""
+    q, k, _ = make_qkv(b, s, seed=2)
+    sel = lambda: ssa_kernels.select_blocks(q, k, block_size, top_k)
+    sel()
+    r = {"select_ms": bench_ms(sel), "select_config": _cfg_name(select_mod.select_blocks_kernel.best_config),
+         "lse_config": _cfg_name(select_mod.lse_kernel.best_config)}
+    r["select_peak_mib"] = peak_mib(sel)
+    r["pool_ms"] = bench_ms(lambda: select_mod.pool_blocks(k, block_size, q.dtype, True))
+    if detail:
+        for name, kern in (("lse", select_mod.lse_kernel), ("select", select_mod.select_blocks_kernel)):
+            r[f"{name}_candidates_ms"] = {
+                _cfg_name(cfg): _with_configs(kern, [cfg], lambda: (sel(), bench_ms(sel))[1]) for cfg in kern.configs}
+        sel2 = lambda: ssa_kernels.select_blocks(q, k, block_size, 2)
+        sel2()
+        r["select_topk2_ms"] = bench_ms(sel2)
+        select_mod.SPLIT_SCORES = False
+        try:
+            sel()
+            r["select_single_dot_ms"] = bench_ms(sel)
+        finally:
+            select_mod.SPLIT_SCORES = True
+    log(f"  select bs{block_size:3d} k{top_k:3d} b{b} s{s}: {r['select_ms']:.3f} ms (lse {r['lse_config']}; "
+        f"select {r['select_config']}), pool {r['pool_ms']:.3f}" + "".join(
+            f"\n    {n}: {c}: {ms:.3f}" for n in ("lse", "select") for c, ms in r.get(f"{n}_candidates_ms", {}).items()))
+    return r
+
+
+def check_select(b: int, s: int, block_size: int, top_k: int, hq: int = HQ, d: int = D) -> dict:
+    """bf16 selection vs the float32 oracle on the same inputs: exact sets, and the shortfall where not."""
+    gen = torch.Generator(device=DEV).manual_seed(4)
+    q = torch.randn(b, s, hq, d, generator=gen, device=DEV).to(DTYPE)
+    k = torch.randn(b, s, HKV, d, generator=gen, device=DEV).to(DTYPE)
+    poison()
+    idx = ssa_kernels.select_blocks(q, k, block_size, top_k)
+    ref = reference.select_blocks(q.float(), k.float(), block_size, top_k)
+    own = (torch.arange(s, device=DEV) // block_size)[None, :, None]
+    r = {"own_block_ok": bool((idx[..., 0] == own).all()), "padding_ok": bool(torch.equal(idx[..., 1:] >= 0, ref[..., 1:] >= 0))}
+    srt = idx[..., 1:].sort(-1).values
+    r["distinct"] = bool(not ((srt[..., 1:] == srt[..., :-1]) & (srt[..., 1:] >= 0)).any())
+    same = (srt == ref[..., 1:].sort(-1).values).all(-1)
+    r["same_set_frac"] = same.float().mean().item()
+    rows = (~same).nonzero()
+    r["rows_differing"] = int(rows.shape[0])
+    r["max_rel_importance_shortfall"] = 0.0
+    if rows.shape[0]:
+        tokens = rows[:, 1].unique()[:4096]
+        kc = reference.mean_pool_blocks(k.float(), block_size)
+        imp = reference.block_importance(q[:, tokens].float(), kc, tokens, block_size)
+        pick = lambda sel: imp.gather(-1, sel[:, tokens, :, 1:].clamp(min=0)).masked_fill(sel[:, tokens, :, 1:] < 0, 0).sum(-1)
+        ours, best = pick(idx), pick(ref)
+        r["max_rel_importance_shortfall"] = ((best - ours) / best.clamp_min(1e-30)).max().item()
+    r["pass"] = bool(r["own_block_ok"] and r["padding_ok"] and r["distinct"] and r["same_set_frac"] > 0.99
+                     and r["max_rel_importance_shortfall"] < 1e-4)
+    log(f"  check select bs{block_size} k{top_k} b{b} s{s} hq{hq} d{d}: pass={r['pass']} same-set "
+        f"{r['same_set_frac']:.5f} shortfall {r['max_rel_importance_shortfall']:.1e}")
+    return r
+
+
 # ----------------------------------------------------------------------------- report
 
 
@@ -500,6 +585,37 @@ def markdown(res: dict) -> str:
             lines.append(f"| {s} | {c} | {r['select_ms']:.3f} | {r.get('select_single_dot_ms', float('nan')):.3f} | "
                          f"{r.get('select_topk2_ms', float('nan')):.3f} | {r['fwd_ms']:.3f} | {r['bwd_dq_ms']:.3f} | {r['bwd_index_ms']:.3f} | {r['bwd_dkdv_ms']:.3f} | "
                          f"{r['bwd_dkdv_chunk256_ms']:.3f} | {r['bwd_dkdv_chunk64_ms']:.3f} | {r['bwd_dkdv_ranges2k_ms']:.3f} |")
+    if res.get("select"):
+        lines += ["", "## select_blocks alone", "",
+                  "| seq x batch | block | top-k | select ms | pooling ms | peak MiB | autotune picks (lse; select) |",
+                  "|---|---|---|---|---|---|---|"]
+        for seq_key, entry in res["select"].get("time", {}).items():
+            for cfg_key, r in entry.items():
+                bs, k = cfg_key.split("-")
+                if "select_ms" not in r:
+                    lines.append(f"| {seq_key} | {bs} | {k} | {r.get('error', r.get('skipped', ''))[:80]} | | | |")
+                    continue
+                lines.append(f"| {seq_key} | {bs} | {k} | {r['select_ms']:.3f} | {r['pool_ms']:.3f} | {r['select_peak_mib']:.0f} "
+                             f"| {r['lse_config']}; {r['select_config']} |")
+        cands = [(sk, r) for sk, e in res["select"].get("time", {}).items() for c, r in e.items() if "select_candidates_ms" in r]
+        if cands:
+            lines += ["", "Block 16 / top-16: select_blocks with each autotune candidate of one kernel (the other autotuned), "
+                      "with top_k = 2, and with a single-dot score (ms):", "",
+                      "| seq x batch | kernel | candidate | ms |", "|---|---|---|---|"]
+            for sk, r in cands:
+                for name in ("lse", "select"):
+                    lines += [f"| {sk} | {name} | {c} | {ms:.3f} |" for c, ms in r[f"{name}_candidates_ms"].items()]
+                lines += [f"| {sk} | both | top_k = 2 | {r['select_topk2_ms']:.3f} |",
+                          f"| {sk} | both | single dot (bf16 k_cmp) | {r['select_single_dot_ms']:.3f} |"]
+        checks = res["select"].get("check", {})
+        if checks:
+            lines += ["", "Exact-set check (bf16 kernel vs float32 oracle, same inputs; outputs NaN-poisoned):", "",
+                      "| config | pass | same top-k set | max importance shortfall |", "|---|---|---|---|"]
+            for key, r in checks.items():
+                if "pass" not in r:
+                    lines.append(f"| {key} | ERROR {r.get('error', '')[:80]} | | |")
+                    continue
+                lines.append(f"| {key} | {r['pass']} | {r['same_set_frac']:.5f} | {r['max_rel_importance_shortfall']:.1e} |")
     if res.get("layer"):
         lines += ["", "## One SSA training layer's attention at 8k (fwd+bwd)", "",
                   "| block | top-k | SSA layer ms | dense SDPA ms | ratio | align triton / torch ms | peak MiB |",
@@ -514,7 +630,7 @@ def markdown(res: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
-def prewarm_worker(seqs: str):
+def prewarm_worker(seqs: str, select_only: bool):
     """Compile this process's one autotune candidate (SSA_KERNELS_CONFIG) of every kernel the run uses.
 
     Shapes at a short sequence: the sequence length is never specialised on, so the compiled kernels
@@ -522,6 +638,9 @@ def prewarm_worker(seqs: str):
     """
     for s in (int(x) for x in seqs.split(",")):
         b = batch_for(s)
+        if select_only:
+            prewarm_select(b, s, int(os.environ.get("SSA_KERNELS_CONFIG", "0")))
+            continue
         for bs, k in CONFIGS:
             q, kk, v = make_qkv(b, s, requires_grad=True)
             ssa_kernels.select_blocks(q.detach(), kk.detach(), bs, 2)
@@ -535,7 +654,22 @@ def prewarm_worker(seqs: str):
     torch.cuda.synchronize()
 
 
-def prewarm(n_configs: int = 4):
+def prewarm_select(b: int, s: int, cand: int):
+    """What the select section compiles, for candidate ``cand``; the one-off shapes spread over the workers."""
+    q, k, _ = make_qkv(b, s)
+    for bs, top_k in CONFIGS:
+        ssa_kernels.select_blocks(q, k, bs, top_k)
+    select_mod.SPLIT_SCORES = False  # the single-dot variant
+    ssa_kernels.select_blocks(q, k, 16, 16)
+    select_mod.SPLIT_SCORES = True
+    if cand == 3:  # the check's other shapes, first candidates: head_dim 128, 8 query heads per KV head
+        for hq, d in ((HQ, 2 * D), (HQ // 2, D)):
+            qq = torch.randn(b, s, hq, d, device=DEV, dtype=DTYPE)
+            kk = torch.randn(b, s, HKV, d, device=DEV, dtype=DTYPE)
+            _first_candidates(lambda: ssa_kernels.select_blocks(qq, kk, 16, 16))
+
+
+def prewarm(n_configs: int, select_only: bool):
     """Compile the autotune candidates in parallel processes (one candidate each) before timing."""
     import subprocess
 
@@ -544,14 +678,15 @@ def prewarm(n_configs: int = 4):
     procs = []
     for i in range(n_configs):
         env_i = dict(env, SSA_KERNELS_CONFIG=str(i))
-        procs.append(subprocess.Popen([sys.executable, os.path.abspath(__file__), "--prewarm-worker", "2048"], env=env_i))
+        cmd = [sys.executable, os.path.abspath(__file__), "--prewarm-worker", "2048"] + ["--select-only"] * select_only
+        procs.append(subprocess.Popen(cmd, env=env_i))
     rcs = [p.wait() for p in procs]
     log(f"== prewarm: {n_configs} processes, rc {rcs}, {time.time() - t0:.0f} s")
 
 
 def autotune_choices() -> dict:
     out = {}
-    for name, kern in (("select", select_mod.select_blocks_kernel), ("fwd", sparse_mod.sparse_fwd_kernel),
+    for name, kern in (("select", select_mod.select_blocks_kernel), ("lse", select_mod.lse_kernel), ("fwd", sparse_mod.sparse_fwd_kernel),
                        ("bwd_dq", sparse_mod.sparse_bwd_dq_kernel), ("bwd_dkdv", sparse_mod.sparse_bwd_dkdv_kernel)):
         out[name] = {str(k): str(c) for k, c in getattr(kern, "cache", {}).items()}
     return out
@@ -566,9 +701,10 @@ def main():
     ap.add_argument("--budget-s", type=float, default=480, help="skip remaining timed sections past this wall time")
     ap.add_argument("--prewarm", type=int, default=4, help="parallel compile processes (0: none)")
     ap.add_argument("--prewarm-worker", default=None, help=argparse.SUPPRESS)
+    ap.add_argument("--select-only", action="store_true", help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.prewarm_worker:
-        prewarm_worker(args.prewarm_worker)
+        prewarm_worker(args.prewarm_worker, args.select_only)
         return
     t_start = time.time()
     os.makedirs(args.out, exist_ok=True)
@@ -581,7 +717,7 @@ def main():
     }}
     log(json.dumps(res["env"]))
     if args.prewarm:
-        prewarm(args.prewarm)
+        prewarm(args.prewarm, sections == {"select"})
 
     def save():
         res["autotune"] = autotune_choices()
@@ -625,6 +761,19 @@ def main():
             guarded(entry, "dense", time_dense, b, s)
             for bs, k in CONFIGS:
                 guarded(entry["ours"], f"{bs}-{k}", time_ours, b, s, bs, k, s == 32768)
+    if "select" in sections:
+        log("== select")
+        res["select"] = {"time": {}, "check": {}}
+        for s in seqs:
+            entry = res["select"]["time"].setdefault(f"{s}x{batch_for(s)}", {})
+            for bs, k in CONFIGS:
+                guarded(entry, f"{bs}-{k}", time_select, batch_for(s), s, bs, k, (bs, k) == (16, 16))
+        for s in (8192, 32768):
+            for bs, k in CONFIGS:
+                guarded(res["select"]["check"], f"s{s}xb{batch_for(s)}-bs{bs}-k{k}", check_select, batch_for(s), s, bs, k)
+        for hq, d in ((HQ, 2 * D), (HQ // 2, D)):  # other shapes: the first candidates only (one compile each)
+            guarded(res["select"]["check"], f"s8192xb2-bs16-k16-hq{hq}-d{d}",
+                    lambda *a: _first_candidates(lambda: check_select(*a)), 2, 8192, 16, 16, hq, d)
     if "layer" in sections:
         log("== layer")
         res["layer"] = {}

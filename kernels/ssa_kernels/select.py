@@ -1,26 +1,31 @@
-"""Block importance + exact top-k block selection (SSA spec steps 2-4) as one Triton kernel.
+"""Block importance + exact top-k block selection (SSA spec steps 2-4) as three Triton kernels.
 
-Per program: ``BT`` query tokens x one KV head. The ``g`` query heads of the head's GQA group are
-stacked with the tokens into the matmul's M dimension (``M = BT * GP`` rows, row = token * GP +
-head), and the program streams over the mean-pooled block keys ``k_cmp`` in chunks of blocks,
-never materialising ``[seq, num_blocks]``:
+* ``mean_pool_kernel``: the block keys ``k_cmp``, once, already multiplied by ``scale * log2(e)``
+  (scores come out of the matmul in base 2, no multiply per score) and split ``hi + lo`` in q's
+  dtype: ``q . hi + q . lo`` is float32-grade (~2^-16 relative) on the tensor cores.
+* ``lse_kernel`` (pass 1): per (token, head), the base-2 log-sum-exp of the scores against the
+  blocks complete at the token (``_lse_chunk``: online max and sum, rows = tokens x heads).
+* ``select_blocks_kernel`` (pass 2 and the top-k): per chunk of blocks, the importance
+  ``sum over the group's heads of 2**(s - lse)`` (``_importance_chunk``) and an exact streaming
+  top-k (``_top_k_update``); the best ``top_k - 1`` blocks and the own block are written.
 
-* pass 1: scores ``scale * q . k_cmp`` against every block complete at the token
-  (``j < (t + 1) // bs``), online log-sum-exp per (token, head) in base 2;
-* pass 2: the scores again, ``p = exp2(s - lse)`` on the blocks strictly before the token's own
-  block, summed over the group's heads (the importance, float32), then an exact streaming top-k.
-  Importance and block index are packed into one int64 key (non-negative float32 bits are
-  monotone as integers; the index breaks exact ties, higher index first). The program carries the
-  best ``KP`` keys per token (``KP`` = top_k - 1 rounded up to a power of two). Chunks run from the
-  diagonal backwards, so the carried minimum rises early; per chunk, the keys that beat a row's
-  carried minimum are counted: if the worst row has at most ``INS`` of them they are inserted one
-  by one (the usual case once the bar is high), else the chunk is bitonic-sorted and merged with
-  the carry (``_top_k_merge``). ``INS`` is autotuned (0 = always merge).
+A program owns ``TOK`` query tokens x one KV head: the tokens and the group's ``g`` heads form
+``TOK * GP`` matmul rows, in sub-tiles of at most 128 rows that share each chunk's key loads (16
+tokens x 16 heads: the pooled keys are read once per 256 rows). The keys stream in chunks of
+``NC`` blocks; ``[seq, num_blocks]`` is never materialised. Only the chunk(s) at the diagonal are
+masked; the others are complete (pass 1) or strictly earlier (pass 2) for every token of the program.
 
-Scores use the tensor cores: q in its own dtype against ``k_cmp`` split into ``hi + lo`` parts of
-that dtype (``hi = k_cmp.to(dtype)``, ``lo = (k_cmp - hi).to(dtype)``), which makes the score
-error ~2^-16 relative, i.e. float32-grade for bf16/fp16 q (exact q, the fp32 mean kept to 16 bits).
-fp32 q uses IEEE fp32 dots.
+Pass 2 computes the scores transposed (``[NC blocks, rows]``): a token's heads are then neighbouring
+columns, so the head sum is in-thread adds and two shuffles, and ``-lse`` enters as a third, K=16
+matmul (``_neg_lse_rows``) instead of a per-score subtraction and a per-column lse in registers.
+
+The top-k works on the ``[NC, TOK]`` importance tile in a warp-per-token layout. Its rows are cut
+into slabs of ``SR`` rows (``top_k - 1`` rounded up to a power of two, at least 16); each slab keeps
+a descending carry of its best ``SR`` (importance, block) pairs. Per chunk a slab is bitonic-sorted
+ascending; the elementwise max with the carry is the best ``SR`` of both as a bitonic sequence, and
+``log2 SR`` merge stages sort it: fixed work per chunk, no data-dependent loop, and the slabs meet
+once at the end (``_merge_slabs``). Each compare-exchange keeps the pair's max or min per row and a
+row keeps its own index unless the other value won, so ties neither lose nor double a block.
 
 Output slots: 0 = own block, 1.. = earlier blocks by descending importance, -1 = unused — the same
 order as the torch reference (ties aside). top_k - 1 > 128 runs the chunked torch path
@@ -49,7 +54,7 @@ from ssa_kernels._utils import (
 # Largest carried top-k (top_k - 1, rounded up to a power of two) kept in registers; larger
 # budgets use the chunked torch path below (exact, slower, memory O(chunk * num_blocks)).
 MAX_KP = 128
-# Rows (tokens x padded group heads) per program.
+# Largest matmul row sub-tile (tokens x padded heads) of the score matmuls.
 ROWS = 128
 # Scores as q . hi + q . lo (float32-grade, two tensor-core dots) rather than q . bf16(k_cmp)
 # (one dot, ~4e-3 relative error on k_cmp): the spec computes importance in float32.
@@ -57,87 +62,293 @@ SPLIT_SCORES = True
 
 
 @triton.jit
-def _indicator(n_dims: tl.constexpr, j: tl.constexpr):
-    """0/1 along the ``j``-th innermost axis of a ``[2] * n_dims`` hypercube, broadcastable."""
-    ar = tl.arange(0, 2)
-    return tl.reshape(ar, [1] * (n_dims - j - 1) + [2] + [1] * j)
+def mean_pool_kernel(
+    k, kc_hi, kc_lo, NBC, stride_kb, stride_kt, stride_kh, scale,
+    HKV: tl.constexpr, D: tl.constexpr, BS: tl.constexpr, NB: tl.constexpr, SPLIT: tl.constexpr,
+):
+    """``scale * mean`` of the keys of ``NB`` complete blocks -> ``kc_hi [+ kc_lo]``, ``[B, HKV, NBC, D]``."""
+    i_n, i_bh = tl.program_id(0), tl.program_id(1)
+    i_b, i_h = i_bh // HKV, i_bh % HKV
+    o_n = i_n * NB + tl.arange(0, NB)
+    m_n = (o_n < NBC)[:, None]
+    o_d = tl.arange(0, D)
+    p_k = (k + i_b.to(tl.int64) * stride_kb + i_h * stride_kh + (o_n * BS).to(tl.int64)[:, None] * stride_kt
+           + o_d[None, :])
+    acc = tl.zeros([NB, D], dtype=tl.float32)
+    for i in range(BS):
+        acc += tl.load(p_k + i * stride_kt, mask=m_n, other=0.0).to(tl.float32)
+    kc = acc * scale
+    p_o = (i_bh.to(tl.int64) * NBC + o_n)[:, None] * D + o_d[None, :]
+    hi = kc.to(kc_hi.dtype.element_ty)
+    tl.store(kc_hi + p_o, hi, mask=m_n)
+    if SPLIT:
+        tl.store(kc_lo + p_o, (kc - hi.to(tl.float32)).to(kc_lo.dtype.element_ty), mask=m_n)
 
 
 @triton.jit
-def _compare_swap(h, flip, n_dims: tl.constexpr, j: tl.constexpr):
-    """Bitonic compare-exchange along the ``j``-th innermost axis of hypercube ``h``.
+def _load_chunk(kc_hi, kc_lo, p_kc, o_j, n_j, D: tl.constexpr, MASK: tl.constexpr, SPLIT: tl.constexpr):
+    """The ``[NC, D]`` hi (and lo) block keys of rows ``o_j``; only the diagonal chunk needs a mask."""
+    o_d = tl.arange(0, D)
+    p = p_kc + o_j[:, None] * D + o_d[None, :]
+    if MASK:
+        b_kh = tl.load(kc_hi + p, mask=(o_j < n_j)[:, None], other=0.0)
+    else:
+        b_kh = tl.load(kc_hi + p)
+    b_kl = b_kh
+    if SPLIT:
+        if MASK:
+            b_kl = tl.load(kc_lo + p, mask=(o_j < n_j)[:, None], other=0.0)
+        else:
+            b_kl = tl.load(kc_lo + p)
+    return b_kh, b_kl
 
-    Each pair ends ascending where ``flip`` is false, descending where it is true.
+
+@triton.jit
+def _lse_chunk(b_q, b_kh, b_kl, b_m, b_l, o_tok, o_j, BS: tl.constexpr, MASK: tl.constexpr, SPLIT: tl.constexpr,
+               PREC: tl.constexpr):
+    """Pass 1 on one chunk: online base-2 log-sum-exp per row over the blocks complete at its token."""
+    b_s = tl.dot(b_q, tl.trans(b_kh), input_precision=PREC)
+    if SPLIT:
+        b_s = tl.dot(b_q, tl.trans(b_kl), b_s, input_precision=PREC)
+    if MASK:
+        b_s = tl.where(o_j[None, :] < ((o_tok + 1) // BS)[:, None], b_s, float("-inf"))
+    b_mn = tl.maximum(b_m, tl.max(b_s, 1))
+    b_l = b_l * tl.exp2(b_m - b_mn) + tl.sum(tl.exp2(b_s - b_mn[:, None]), 1)
+    return b_mn, b_l
+
+
+@triton.jit
+def _lse_chunks(qs, b_kh, b_kl, ms, ls, toks, o_j, BS: tl.constexpr, NSUB: tl.constexpr, MASK: tl.constexpr,
+                SPLIT: tl.constexpr, PREC: tl.constexpr):
+    """``_lse_chunk`` for every row sub-tile, one load of the chunk's keys for all."""
+    ms_n = ()
+    ls_n = ()
+    for s in tl.static_range(NSUB):
+        m, l = _lse_chunk(qs[s], b_kh, b_kl, ms[s], ls[s], toks[s], o_j, BS, MASK, SPLIT, PREC)
+        ms_n = ms_n + (m,)
+        ls_n = ls_n + (l,)
+    return ms_n, ls_n
+
+
+@triton.jit
+def _importance_chunks(b_kh, b_kl, b_one, qs, nls, toks, o_j, o_c, BS: tl.constexpr, GP: tl.constexpr,
+                       NSUB: tl.constexpr, MASK: tl.constexpr, SPLIT: tl.constexpr, PREC: tl.constexpr):
+    """``[NC, TOK]`` importance of one chunk for all the program's tokens, in the top-k's layout."""
+    imps = ()
+    for s in tl.static_range(NSUB):
+        imps = imps + (_importance_chunk(b_kh, b_kl, b_one, qs[s], nls[s], toks[s], o_j, BS, GP, MASK, SPLIT, PREC),)
+    return _gather_layout(_join_tokens(imps, NSUB), o_c)
+
+
+@triton.jit
+def _importance_chunk(b_kh, b_kl, b_one, b_q, b_nl, o_tok, o_j, BS: tl.constexpr, GP: tl.constexpr,
+                      MASK: tl.constexpr, SPLIT: tl.constexpr, PREC: tl.constexpr):
+    """Pass 2 on one chunk and row sub-tile: ``[NC, tokens]`` importance, ``sum over heads of p_h(j)``.
+
+    Scores are computed transposed (``[NC, rows]``): a token's heads are then neighbouring
+    columns, which a thread holds in registers and its quad of lanes shares, so the head sum is
+    in-thread adds and two shuffles. ``- lse`` enters as a third, K=16 matmul (``_neg_lse_rows``),
+    so the exponent comes straight out of the accumulator: no per-score subtraction, and no
+    per-column lse held in registers.
     """
-    lo = tl.min(h, n_dims - 1 - j, keep_dims=True)
-    hi = tl.max(h, n_dims - 1 - j, keep_dims=True)
-    return tl.where((_indicator(n_dims, j) == 1) != flip, hi, lo)
+    b_s = tl.dot(b_one, b_nl, input_precision=PREC)
+    b_s = tl.dot(b_kh, tl.trans(b_q), b_s, input_precision=PREC)
+    if SPLIT:
+        b_s = tl.dot(b_kl, tl.trans(b_q), b_s, input_precision=PREC)
+    b_p = tl.exp2(b_s)
+    if MASK:
+        b_p = tl.where(o_j[:, None] < (o_tok // BS)[None, :], b_p, 0.0)
+    return tl.sum(tl.reshape(b_p, [b_p.shape[0], b_p.shape[1] // GP, GP]), 2)
 
 
 @triton.jit
-def _sort_rows(x, LOG_R: tl.constexpr, LOG_N: tl.constexpr, DESC: tl.constexpr):
-    """Bitonic sort of each row of ``x [2**LOG_R, 2**LOG_N]``, on a ``[2] * n`` hypercube view."""
-    n_dims: tl.constexpr = LOG_R + LOG_N
-    if LOG_N > 0:
-        h = tl.reshape(x, [2] * n_dims)
-        for i in tl.static_range(1, LOG_N + 1):
-            for jj in tl.static_range(i):
-                if i < LOG_N:  # stage i: blocks of 2**i alternate direction by bit i of the index
-                    h = _compare_swap(h, _indicator(n_dims, i) == 1, n_dims, i - 1 - jj)
-                else:
-                    h = _compare_swap(h, DESC, n_dims, i - 1 - jj)
-        x = tl.reshape(h, [1 << LOG_R, 1 << LOG_N])
-    return x
+def _neg_lse_rows(lse, dtype: tl.constexpr):
+    """``[16, rows]`` matmul operand: ``-lse`` split in three parts of ``dtype`` (24+ bits), then zeros.
 
-
-@triton.jit
-def _top_k_merge(b_top, b_key, LOG_BT: tl.constexpr, LOG_NC: tl.constexpr, LOG_KP: tl.constexpr):
-    """Best ``KP`` of ``b_top [BT, KP]`` and ``b_key [BT, NC]`` (``NC >= KP``), descending.
-
-    Bitonic: sort both (the chunk ascending, the carry descending); the elementwise max over the
-    chunk's groups of ``KP`` is its best ``KP``, ascending; the elementwise max of a descending and
-    an ascending sequence holds the best ``KP`` of their union as a bitonic sequence, which
-    ``LOG_KP`` merge stages sort.
+    With the ``[NC, 16]`` operand whose first three columns are ones it adds ``-lse`` to every score.
     """
-    BT: tl.constexpr = 1 << LOG_BT
-    KP: tl.constexpr = 1 << LOG_KP
-    NC: tl.constexpr = 1 << LOG_NC
-    b_key = _sort_rows(b_key, LOG_BT, LOG_NC, False)
-    b_key = tl.max(tl.reshape(b_key, [BT, NC // KP, KP]), 1)
-    b_top = tl.maximum(_sort_rows(b_top, LOG_BT, LOG_KP, True), b_key)
-    n_dims: tl.constexpr = LOG_BT + LOG_KP
-    if LOG_KP > 0:
-        h = tl.reshape(b_top, [2] * n_dims)
-        for jj in tl.static_range(LOG_KP):
-            h = _compare_swap(h, True, n_dims, LOG_KP - 1 - jj)
-        b_top = tl.reshape(h, [BT, KP])
-    return b_top
+    n1 = (-lse).to(dtype)
+    r1 = -lse - n1.to(tl.float32)
+    n2 = r1.to(dtype)
+    n3 = (r1 - n2.to(tl.float32)).to(dtype)
+    o_k = tl.arange(0, 16)[:, None]
+    return tl.where(o_k == 0, n1[None, :], tl.where(o_k == 1, n2[None, :], tl.where(o_k == 2, n3[None, :], 0.0)))
 
 
-@triton.autotune(
-    configs=configs(
-        [
-            triton.Config({"LOG_BC": 6, "INS": 8}, num_warps=8, num_stages=2),
-            # INS=0: always bitonic-merge (best for top_k=64 in the H100 runs: 8.5 vs 11.9 ms at 32k)
-            triton.Config({"LOG_BC": 6, "INS": 0}, num_warps=8, num_stages=2),
-            triton.Config({"LOG_BC": 6, "INS": 4}, num_warps=4, num_stages=2),
-            triton.Config({"LOG_BC": 5, "INS": 8}, num_warps=4, num_stages=2),
-            triton.Config({"LOG_BC": 7, "INS": 16}, num_warps=8, num_stages=2),
-        ]
-    ),
-    key=["GP", "D", "BS", "KP", "SPLIT"],
-)
-@triton.jit(do_not_specialize=["T", "NBC", "K1", "TOPK"])
-def select_blocks_kernel(
+@triton.jit
+def _join_tokens(imps, NSUB: tl.constexpr):
+    """One ``[NC, TOK]`` tile from the sub-tiles' ``[NC, TOK // NSUB]`` (sub-tile s holds tokens s mod NSUB).
+
+    Interleaving sub-tiles ``i`` and ``i + n/2`` of ``n`` at every level puts token ``NSUB * t + s`` in
+    column ``NSUB * t + s``.
+    """
+    tl.static_assert(NSUB <= 16, "at most 16 row sub-tiles (256 query heads per KV head)")
+    if NSUB >= 16:
+        imps = _interleave_halves(imps, 8)
+    if NSUB >= 8:
+        imps = _interleave_halves(imps, 4)
+    if NSUB >= 4:
+        imps = _interleave_halves(imps, 2)
+    if NSUB >= 2:
+        imps = _interleave_halves(imps, 1)
+    return imps[0]
+
+
+@triton.jit
+def _interleave_halves(imps, HALF: tl.constexpr):
+    """Tiles ``i`` and ``i + HALF`` -> one tile with their columns alternating, for ``i < HALF``."""
+    pairs = ()
+    for i in tl.static_range(HALF):
+        a = imps[i]
+        pairs = pairs + (tl.reshape(tl.join(a, imps[i + HALF]), [a.shape[0], 2 * a.shape[1]]),)
+    return pairs
+
+
+@triton.jit
+def _compare_exchange(v, j, o_r, BIT: tl.constexpr, desc):
+    """Rows ``r`` and ``r ^ BIT`` of every column end in order: descending where ``desc``, else ascending.
+
+    Each row keeps the max or the min of its pair; a row keeps its own index unless the other row's
+    value won, so on a tie both rows keep their own entry: the network stays a permutation (no
+    block lost or doubled) without an index tie-break.
+    """
+    if BIT == 1:  # neighbouring rows share a thread in the gather layout: split/join, no shuffle
+        return _compare_exchange_pairs(v, j, desc)
+    part = tl.broadcast_to((o_r ^ BIT)[:, None], v.shape)
+    v_o = tl.gather(v, part, 0)
+    j_o = tl.gather(j, part, 0)
+    keep_max = ((o_r & BIT) == 0)[:, None] == desc
+    v_n = tl.where(keep_max, tl.maximum(v, v_o), tl.minimum(v, v_o))
+    return v_n, tl.where(v_n == v, j, j_o)
+
+
+@triton.jit
+def _compare_exchange_pairs(v, j, desc):
+    """``_compare_exchange`` of rows ``2i`` and ``2i + 1``, in registers."""
+    v0, v1 = _split_rows(v)
+    j0, j1 = _split_rows(j)
+    d0, _ = _split_rows(tl.broadcast_to(desc, v.shape))
+    n0 = tl.where(d0, tl.maximum(v0, v1), tl.minimum(v0, v1))
+    n1 = tl.where(d0, tl.minimum(v0, v1), tl.maximum(v0, v1))
+    v = _join_rows(n0, n1)
+    j = _join_rows(tl.where(n0 == v0, j0, j1), tl.where(n1 == v1, j1, j0))
+    return v, j
+
+
+@triton.jit
+def _split_rows(x):
+    """``[R, C]`` -> its even and odd rows, ``[R // 2, C]`` each."""
+    return tl.split(tl.permute(tl.reshape(x, [x.shape[0] // 2, 2, x.shape[1]]), [0, 2, 1]))
+
+
+@triton.jit
+def _join_rows(a, b):
+    """Inverse of ``_split_rows``."""
+    return tl.reshape(tl.permute(tl.join(a, b), [0, 2, 1]), [2 * a.shape[0], a.shape[1]])
+
+
+@triton.jit
+def _sort_slabs(v, j, o_r, LOG_SR: tl.constexpr):
+    """Bitonic sort, ascending, of every slab of ``2**LOG_SR`` consecutive rows (per column)."""
+    for i in tl.static_range(1, LOG_SR + 1):
+        # stage i sorts runs of 2**i rows, alternating direction, the last one ascending
+        if i < LOG_SR:
+            desc = (((o_r >> i) & 1) == 1)[:, None]
+        else:
+            desc = (o_r < 0)[:, None]
+        for jj in tl.static_range(i):
+            v, j = _compare_exchange(v, j, o_r, 1 << (i - 1 - jj), desc)
+    return v, j
+
+
+@triton.jit
+def _merge_desc(v, j, o_r, LOG_SR: tl.constexpr):
+    """Sort every bitonic slab of ``2**LOG_SR`` rows descending (the merge half of a bitonic sort)."""
+    desc = (o_r >= 0)[:, None]
+    for jj in tl.static_range(LOG_SR):
+        v, j = _compare_exchange(v, j, o_r, 1 << (LOG_SR - 1 - jj), desc)
+    return v, j
+
+
+@triton.jit
+def _gather_layout(x, o_r):
+    """``x`` itself, moved by an identity gather into the layout the compare-exchanges gather in.
+
+    Without it Triton keeps the importance matmul's layout for the whole top-k and converts
+    through shared memory around every gather.
+    """
+    return tl.gather(x, tl.broadcast_to(o_r[:, None], x.shape), 0)
+
+
+@triton.jit
+def _top_k_update(c_v, c_j, x_v, x_j, o_r, LOG_SR: tl.constexpr):
+    """Carry ``c`` (each slab descending) <- best ``SR`` of each slab of carry and chunk ``x``.
+
+    The max of a descending and an ascending sequence holds the best half of both, bitonic.
+    """
+    x_v, x_j = _sort_slabs(x_v, x_j, o_r, LOG_SR)
+    take = x_v > c_v
+    c_v = tl.where(take, x_v, c_v)
+    c_j = tl.where(take, x_j, c_j)
+    return _merge_desc(c_v, c_j, o_r, LOG_SR)
+
+
+@triton.jit
+def _merge_slabs(c_v, c_j, o_r, LOG_SR: tl.constexpr, LOG_NC: tl.constexpr):
+    """Every slab <- the best ``SR`` of all slabs, descending: pairs of slabs meet in ``LOG_NC - LOG_SR`` rounds."""
+    for lvl in tl.static_range(LOG_SR, LOG_NC):
+        # the partner slab, reversed (ascending): the max with it is the pair's best half, bitonic
+        part = tl.broadcast_to((o_r ^ (1 << lvl) ^ ((1 << LOG_SR) - 1))[:, None], c_v.shape)
+        p_v = tl.gather(c_v, part, 0)
+        p_j = tl.gather(c_j, part, 0)
+        take = p_v > c_v
+        c_v = tl.where(take, p_v, c_v)
+        c_j = tl.where(take, p_j, c_j)
+        c_v, c_j = _merge_desc(c_v, c_j, o_r, LOG_SR)
+    return c_v, c_j
+
+
+@triton.jit
+def _row_tile(q, i_b, i_h, t0, T, stride_qb, stride_qt, stride_qh, s, G: tl.constexpr, GP: tl.constexpr,
+              D: tl.constexpr, RS: tl.constexpr, NSUB: tl.constexpr):
+    """Row sub-tile ``s`` of a program: its tokens are ``t0 + s (mod NSUB)``, the group's heads inside."""
+    o_rs = tl.arange(0, RS)
+    o_tok = t0 + (o_rs // GP) * NSUB + s
+    o_head = o_rs % GP
+    o_d = tl.arange(0, D)
+    p_q = (q + i_b.to(tl.int64) * stride_qb + o_tok[:, None].to(tl.int64) * stride_qt
+           + (i_h * G + o_head)[:, None] * stride_qh + o_d[None, :])
+    return tl.load(p_q, mask=((o_tok < T) & (o_head < G))[:, None], other=0.0), o_tok, o_head
+
+
+# lse of a row that has no complete block yet, or of a padded head: finite in every dtype, and
+# p = exp2(s - lse) = 0 for it
+LSE_NONE = tl.constexpr(30000.0)
+
+# Autotune candidates: tokens per program, log2 of the blocks per chunk, warps, pipeline stages
+# (measured on an H200: 4 warps at 64 blocks a chunk win; three-CTA occupancy through a register
+# cap and one stage is worth 2-5% for the selection kernel).
+LSE_CANDIDATES = [
+    triton.Config({"TOK": 16, "LOG_NC": 6}, num_warps=4, num_stages=2),
+    triton.Config({"TOK": 16, "LOG_NC": 6}, num_warps=4, num_stages=3),
+]
+CANDIDATES = [
+    triton.Config({"TOK": 16, "LOG_NC": 6}, num_warps=4, num_stages=2),
+    triton.Config({"TOK": 16, "LOG_NC": 6}, num_warps=4, num_stages=3),
+    triton.Config({"TOK": 16, "LOG_NC": 6}, num_warps=4, num_stages=1, maxnreg=168),
+    triton.Config({"TOK": 16, "LOG_NC": 6}, num_warps=4, num_stages=1, maxnreg=128),
+]
+
+
+@triton.autotune(configs=configs(LSE_CANDIDATES), key=["GP", "D", "BS", "SPLIT"])
+@triton.jit(do_not_specialize=["T", "NBC"])
+def lse_kernel(
     q,
     kc_hi,
     kc_lo,
-    idx,
+    lse,
     T,
     NBC,
-    K1,
-    TOPK,
-    scale2,
     stride_qb,
     stride_qt,
     stride_qh,
@@ -146,118 +357,137 @@ def select_blocks_kernel(
     GP: tl.constexpr,
     D: tl.constexpr,
     BS: tl.constexpr,
-    BT: tl.constexpr,
-    KP: tl.constexpr,
-    LOG_BT: tl.constexpr,
-    LOG_KP: tl.constexpr,
     SPLIT: tl.constexpr,
     PREC: tl.constexpr,
-    LOG_BC: tl.constexpr,
-    INS: tl.constexpr,
+    MAX_RS: tl.constexpr,
+    TOK: tl.constexpr,
+    LOG_NC: tl.constexpr,
 ):
-    BC: tl.constexpr = 1 << LOG_BC
+    """Pass 1: base-2 log-sum-exp of every (token, head) over the blocks complete at the token."""
+    NCB: tl.constexpr = 1 << LOG_NC
+    RS: tl.constexpr = MAX_RS if TOK * GP > MAX_RS else TOK * GP  # rows per sub-tile
+    NSUB: tl.constexpr = TOK * GP // RS
     i_t, i_bh = tl.program_id(0), tl.program_id(1)
     i_b, i_h = i_bh // HKV, i_bh % HKV
-    M: tl.constexpr = BT * GP
-
-    # rows of the tile: token-major, the group's heads inside
-    o_r = tl.arange(0, M)
-    o_tok = i_t * BT + o_r // GP
-    o_head = o_r % GP
-    m_r = (o_tok < T) & (o_head < G)
-    o_d = tl.arange(0, D)
-    p_q = (
-        q
-        + i_b.to(tl.int64) * stride_qb
-        + o_tok[:, None].to(tl.int64) * stride_qt
-        + (i_h * G + o_head)[:, None] * stride_qh
-        + o_d[None, :]
-    )
-    # [M, D]
-    b_q = tl.load(p_q, mask=m_r[:, None], other=0.0)
-
-    t_last = tl.minimum(i_t * BT + BT, T) - 1
+    t0 = i_t * TOK
+    t_last = tl.minimum(t0 + TOK, T) - 1
     p_kc = i_bh.to(tl.int64) * NBC * D
-    o_c = tl.arange(0, BC)
-
-    # ---- pass 1: log-sum-exp over the blocks complete at each token (base 2) ----
+    qs = ()
+    toks = ()
+    ms = ()
+    ls = ()
+    for s in tl.static_range(NSUB):
+        b_q, o_tok, o_head = _row_tile(q, i_b, i_h, t0, T, stride_qb, stride_qt, stride_qh, s, G, GP, D, RS, NSUB)
+        qs = qs + (b_q,)
+        toks = toks + (o_tok,)
+        ms = ms + (tl.full([RS], -1.0e30, dtype=tl.float32),)
+        ls = ls + (tl.zeros([RS], dtype=tl.float32),)
+    o_c = tl.arange(0, NCB)
     n_cmp = (t_last + 1) // BS
-    b_m = tl.full([M], -1.0e30, dtype=tl.float32)
-    b_l = tl.zeros([M], dtype=tl.float32)
-    for c0 in range(0, n_cmp, BC):
-        o_j = c0 + o_c
-        m_j = o_j < n_cmp
-        p_hi = kc_hi + p_kc + o_j[:, None] * D + o_d[None, :]
-        # [BC, D]
-        b_kh = tl.load(p_hi, mask=m_j[:, None], other=0.0)
-        # [M, BC]
-        b_s = tl.dot(b_q, tl.trans(b_kh), input_precision=PREC)
-        if SPLIT:
-            b_kl = tl.load(kc_lo + p_kc + o_j[:, None] * D + o_d[None, :], mask=m_j[:, None], other=0.0)
-            b_s += tl.dot(b_q, tl.trans(b_kl), input_precision=PREC)
-        b_s = b_s * scale2
-        m_c = o_j[None, :] < ((o_tok + 1) // BS)[:, None]
-        b_s = tl.where(m_c, b_s, float("-inf"))
-        b_mn = tl.maximum(b_m, tl.max(b_s, 1))
-        b_l = b_l * tl.exp2(b_m - b_mn) + tl.sum(tl.exp2(b_s - b_mn[:, None]), 1)
-        b_m = b_mn
-    # rows with no complete block have no earlier block either: their lse is never used
-    b_lse = tl.where(b_l > 0, b_m + tl.log2(tl.where(b_l > 0, b_l, 1.0)), float("inf"))
+    n_full = ((t0 + 1) // BS) // NCB  # chunks complete for every token of the program: no mask
+    for c in range(n_full):
+        b_kh, b_kl = _load_chunk(kc_hi, kc_lo, p_kc, c * NCB + o_c, n_cmp, D, False, SPLIT)
+        ms, ls = _lse_chunks(qs, b_kh, b_kl, ms, ls, toks, c * NCB + o_c, BS, NSUB, False, SPLIT, PREC)
+    for c in range(n_full, tl.cdiv(n_cmp, NCB)):
+        b_kh, b_kl = _load_chunk(kc_hi, kc_lo, p_kc, c * NCB + o_c, n_cmp, D, True, SPLIT)
+        ms, ls = _lse_chunks(qs, b_kh, b_kl, ms, ls, toks, c * NCB + o_c, BS, NSUB, True, SPLIT, PREC)
+    o_head = tl.arange(0, RS) % GP
+    for s in tl.static_range(NSUB):
+        b_lse = tl.where((ls[s] > 0) & (o_head < G), ms[s] + tl.log2(tl.where(ls[s] > 0, ls[s], 1.0)), LSE_NONE)
+        tl.store(lse + (i_bh.to(tl.int64) * T + toks[s]) * GP + o_head, b_lse, mask=toks[s] < T)
 
-    # ---- pass 2: importance summed over the group, exact streaming top-k ----
-    # chunk width of pass 2: BC blocks, at least KP (the merge takes the chunk's best KP)
-    LOG_NC: tl.constexpr = LOG_BC + (LOG_KP - LOG_BC) * (LOG_KP > LOG_BC)
-    NC: tl.constexpr = 1 << LOG_NC
-    o_nc = tl.arange(0, NC)
-    o_kp = tl.arange(0, KP)
-    o_t = i_t * BT + tl.arange(0, BT)
-    m_t = o_t < T
-    # [BT, KP] carried best keys (any order); -1 = nothing yet
-    b_top = tl.full([BT, KP], -1, dtype=tl.int64)
+
+@triton.autotune(configs=configs(CANDIDATES), key=["GP", "D", "BS", "LOG_SR", "SPLIT"])
+@triton.jit(do_not_specialize=["T", "NBC", "K1", "TOPK"])
+def select_blocks_kernel(
+    q,
+    kc_hi,
+    kc_lo,
+    lse,
+    idx,
+    T,
+    NBC,
+    K1,
+    TOPK,
+    stride_qb,
+    stride_qt,
+    stride_qh,
+    HKV: tl.constexpr,
+    G: tl.constexpr,
+    GP: tl.constexpr,
+    D: tl.constexpr,
+    BS: tl.constexpr,
+    LOG_SR: tl.constexpr,
+    SPLIT: tl.constexpr,
+    PREC: tl.constexpr,
+    MAX_RS: tl.constexpr,
+    TOK: tl.constexpr,
+    LOG_NC: tl.constexpr,
+):
+    """Pass 2 and the top-k: importance of every earlier block per token, the best ``K1`` kept."""
+    LOG_C: tl.constexpr = LOG_NC if LOG_NC > LOG_SR else LOG_SR  # a chunk holds at least one slab
+    NCB: tl.constexpr = 1 << LOG_C
+    RS: tl.constexpr = MAX_RS if TOK * GP > MAX_RS else TOK * GP  # rows per sub-tile
+    NSUB: tl.constexpr = TOK * GP // RS
+    i_t, i_bh = tl.program_id(0), tl.program_id(1)
+    i_b, i_h = i_bh // HKV, i_bh % HKV
+    t0 = i_t * TOK
+    t_last = tl.minimum(t0 + TOK, T) - 1
+    p_kc = i_bh.to(tl.int64) * NBC * D
+
+    # ---- the rows: q, and -lse as the operand of a K=16 matmul
+    qs = ()
+    toks = ()
+    nls = ()
+    for s in tl.static_range(NSUB):
+        b_q, o_tok, o_head = _row_tile(q, i_b, i_h, t0, T, stride_qb, stride_qt, stride_qh, s, G, GP, D, RS, NSUB)
+        b_lse = tl.load(lse + (i_bh.to(tl.int64) * T + o_tok) * GP + o_head, mask=o_tok < T, other=LSE_NONE)
+        qs = qs + (b_q,)
+        toks = toks + (o_tok,)
+        nls = nls + (_neg_lse_rows(b_lse, kc_hi.dtype.element_ty),)
+    b_one = (tl.arange(0, 16)[None, :] < 3).to(kc_hi.dtype.element_ty) + tl.zeros([NCB, 16], kc_hi.dtype.element_ty)
+
+    # ---- importance per (block, token) and the exact streaming top-k, diagonal chunk first
+    o_c = tl.arange(0, NCB)
+    o_t = t0 + tl.arange(0, TOK)
     n_ear = t_last // BS
-    n_chunk = tl.cdiv(n_ear, NC)
-    for i_c in range(n_chunk):
-        # from the diagonal backwards: the recent blocks set a high bar early
-        o_j = (n_chunk - 1 - i_c) * NC + o_nc
-        m_j = o_j < n_ear
-        p_hi = kc_hi + p_kc + o_j[:, None] * D + o_d[None, :]
-        # [NC, D]
-        b_kh = tl.load(p_hi, mask=m_j[:, None], other=0.0)
-        # [M, NC]
-        b_s = tl.dot(b_q, tl.trans(b_kh), input_precision=PREC)
-        if SPLIT:
-            b_kl = tl.load(kc_lo + p_kc + o_j[:, None] * D + o_d[None, :], mask=m_j[:, None], other=0.0)
-            b_s += tl.dot(b_q, tl.trans(b_kl), input_precision=PREC)
-        b_s = b_s * scale2
-        m_e = (o_j[None, :] < (o_tok // BS)[:, None]) & m_r[:, None]
-        b_p = tl.where(m_e, tl.exp2(b_s - b_lse[:, None]), 0.0)
-        # [BT, NC] importance: sum over the group's heads
-        b_imp = tl.sum(tl.reshape(b_p, [BT, GP, NC]), 1)
-        m_te = (o_j[None, :] < (o_t // BS)[:, None]) & m_t[:, None]
-        b_key = (b_imp.to(tl.int32, bitcast=True).to(tl.int64) << 32) | o_j[None, :].to(tl.int64)
-        b_key = tl.where(m_te, b_key, -1)
-        # keys of the chunk that beat a row's carried minimum: few -> insert them one by one (the
-        # usual case past the first chunks); many -> bitonic merge
-        b_thr = tl.min(b_top, 1)
-        n_cand = tl.max(tl.sum((b_key > b_thr[:, None]).to(tl.int32), 1))
-        if n_cand > INS:
-            b_top = _top_k_merge(b_top, b_key, LOG_BT, LOG_NC, LOG_KP)
-        else:
-            for _ in range(n_cand):
-                b_cmax = tl.max(b_key, 1)
-                b_cmin = tl.min(b_top, 1)
-                m_ins = b_cmax > b_cmin
-                # first slot holding the row's minimum
-                b_pos = tl.min(tl.where(b_top == b_cmin[:, None], o_kp[None, :], KP), 1)
-                b_top = tl.where((o_kp[None, :] == b_pos[:, None]) & m_ins[:, None], b_cmax[:, None], b_top)
-                b_key = tl.where(b_key == b_cmax[:, None], -1, b_key)
+    n_clean = (t0 // BS) // NCB  # chunks strictly before every token's own block: no mask
+    c_v = tl.full([NCB, TOK], -1.0, dtype=tl.float32)
+    c_j = tl.full([NCB, TOK], -1, dtype=tl.int32)
+    for c in range(n_clean, tl.cdiv(n_ear, NCB)):
+        o_j = c * NCB + o_c
+        b_kh, b_kl = _load_chunk(kc_hi, kc_lo, p_kc, o_j, n_ear, D, True, SPLIT)
+        b_imp = _importance_chunks(b_kh, b_kl, b_one, qs, nls, toks, o_j, o_c, BS, GP, NSUB, True, SPLIT, PREC)
+        # -1: not a candidate (not strictly earlier); a valid block of importance 0 can still be picked
+        x_v = tl.where(o_j[:, None] < (o_t // BS)[None, :], b_imp, -1.0)
+        c_v, c_j = _top_k_update(c_v, c_j, x_v, tl.broadcast_to(o_j[:, None], [NCB, TOK]), o_c, LOG_SR)
+    for c in range(n_clean):
+        o_j = c * NCB + o_c
+        b_kh, b_kl = _load_chunk(kc_hi, kc_lo, p_kc, o_j, n_ear, D, False, SPLIT)
+        b_imp = _importance_chunks(b_kh, b_kl, b_one, qs, nls, toks, o_j, o_c, BS, GP, NSUB, False, SPLIT, PREC)
+        c_v, c_j = _top_k_update(c_v, c_j, b_imp, tl.broadcast_to(o_j[:, None], [NCB, TOK]), o_c, LOG_SR)
+    c_v, c_j = _merge_slabs(c_v, c_j, o_c, LOG_SR, LOG_C)
 
-    # ---- output: own block, then the carried keys by descending importance ----
+    # ---- output: own block, then the best K1 by descending importance (rows 0.. of slab 0)
+    m_t = o_t < T
     p_idx = idx + ((i_b * T + o_t).to(tl.int64) * HKV + i_h) * TOPK
     tl.store(p_idx, (o_t // BS).to(tl.int64), mask=m_t)
-    b_top = _sort_rows(b_top, LOG_BT, LOG_KP, True)
-    b_blk = tl.where(b_top >= 0, b_top.to(tl.int32).to(tl.int64), -1)
-    tl.store(p_idx[:, None] + 1 + o_kp[None, :], b_blk, mask=m_t[:, None] & (o_kp[None, :] < K1))
+    b_blk = tl.where(c_v >= 0, c_j, -1).to(tl.int64)
+    tl.store(p_idx[None, :] + 1 + o_c[:, None], b_blk, mask=m_t[None, :] & (o_c < K1)[:, None])
+
+
+def pool_blocks(k: torch.Tensor, block_size: int, dtype: torch.dtype, split: bool):
+    """``scale * log2(e) * mean`` of every complete block's keys as ``[b, hkv, s // bs, d]`` (hi, lo)."""
+    b, s, hkv, d = k.shape
+    nbc = s // block_size
+    kc_hi = torch.empty(b, hkv, nbc, d, dtype=dtype, device=k.device)
+    kc_lo = torch.empty_like(kc_hi) if split else kc_hi
+    nb = 16
+    mean_pool_kernel[(cdiv(nbc, nb), b * hkv)](
+        k, kc_hi, kc_lo, nbc, k.stride(0), k.stride(1), k.stride(2), softmax_scale(d) * LOG2E / block_size,
+        HKV=hkv, D=d, BS=block_size, NB=nb, SPLIT=split,
+    )
+    return kc_hi, kc_lo
 
 
 def mean_pool_blocks(k: torch.Tensor, block_size: int) -> torch.Tensor:
@@ -269,7 +499,7 @@ def mean_pool_blocks(k: torch.Tensor, block_size: int) -> torch.Tensor:
 
 
 def select_blocks_fwd(q: torch.Tensor, k: torch.Tensor, block_size: int, top_k: int) -> torch.Tensor:
-    """Launcher. q ``[b, s, hq, d]`` (head dim contiguous), k ``[b, s, hkv, d]`` -> idx int64."""
+    """Launcher. q ``[b, s, hq, d]``, k ``[b, s, hkv, d]`` (head dims contiguous) -> idx int64."""
     b, s, hq, d = q.shape
     hkv = k.shape[2]
     g = hq // hkv
@@ -282,41 +512,29 @@ def select_blocks_fwd(q: torch.Tensor, k: torch.Tensor, block_size: int, top_k: 
         if k1:
             idx[..., 1:] = -1
         return idx
-    kc = mean_pool_blocks(k, block_size)  # [b, hkv, nbc, d] fp32
-    if q.dtype == torch.float32 or not SPLIT_SCORES:
-        kc_hi, kc_lo, split = kc.to(q.dtype), kc, False
-    else:
-        kc_hi = kc.to(q.dtype)
-        kc_lo = (kc - kc_hi.float()).to(q.dtype)
-        split = True
+    split = q.dtype != torch.float32 and SPLIT_SCORES
+    kc_hi, kc_lo = pool_blocks(k, block_size, q.dtype, split)
     gp = next_pow2(g)
-    bt = max(1, ROWS // gp)
-    kp = next_pow2(k1)
-    grid = (cdiv(s, bt), b * hkv)
+    lse = torch.empty(b * hkv, s, gp, dtype=torch.float32, device=q.device)
+    grid = lambda meta: (cdiv(s, meta["TOK"]), b * hkv)
+    common = dict(HKV=hkv, G=g, GP=gp, D=d, BS=block_size, SPLIT=split, PREC=dot_precision(q.dtype), MAX_RS=ROWS)
+    lse_kernel[grid](q, kc_hi, kc_lo, lse, s, nbc, q.stride(0), q.stride(1), q.stride(2), **common)
+    sr = max(16, next_pow2(k1))
     select_blocks_kernel[grid](
         q,
         kc_hi,
         kc_lo,
+        lse,
         idx,
         s,
         nbc,
         k1,
         top_k,
-        softmax_scale(d) * LOG2E,
         q.stride(0),
         q.stride(1),
         q.stride(2),
-        HKV=hkv,
-        G=g,
-        GP=gp,
-        D=d,
-        BS=block_size,
-        BT=bt,
-        KP=kp,
-        LOG_BT=bt.bit_length() - 1,
-        LOG_KP=kp.bit_length() - 1,
-        SPLIT=split,
-        PREC=dot_precision(q.dtype),
+        LOG_SR=sr.bit_length() - 1,
+        **common,
     )
     return idx
 
@@ -388,7 +606,7 @@ def select_blocks(q: torch.Tensor, k: torch.Tensor, block_size: int, top_k: int)
     check_device(q, k)
     with torch.no_grad():
         dtype = interpreter_upcast(q.dtype)
-        q, k = last_dim_contiguous(q.to(dtype)), k.to(dtype)
+        q, k = last_dim_contiguous(q.to(dtype)), last_dim_contiguous(k.to(dtype))
         if next_pow2(top_k - 1) > MAX_KP:
             return select_blocks_torch(q, k, block_size, top_k)
         return select_blocks_fwd(q, k, block_size, top_k)

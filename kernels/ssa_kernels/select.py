@@ -309,6 +309,15 @@ def _merge_slabs(c_v, c_j, o_r, LOG_SR: tl.constexpr, LOG_NC: tl.constexpr):
 
 
 @triton.jit
+def _program_tokens(T, NBC, HKV: tl.constexpr, D: tl.constexpr, TOK: tl.constexpr):
+    """This program's (batch x KV head) index, batch, KV head, first and last token, and the offset of
+    its pooled keys (both passes tile the grid the same way)."""
+    i_t, i_bh = tl.program_id(0), tl.program_id(1)
+    t0 = i_t * TOK
+    return i_bh, i_bh // HKV, i_bh % HKV, t0, tl.minimum(t0 + TOK, T) - 1, i_bh.to(tl.int64) * NBC * D
+
+
+@triton.jit
 def _row_tile(q, i_b, i_h, t0, T, stride_qb, stride_qt, stride_qh, s, G: tl.constexpr, GP: tl.constexpr,
               D: tl.constexpr, RS: tl.constexpr, NSUB: tl.constexpr):
     """Row sub-tile ``s`` of a program: its tokens are ``t0 + s (mod NSUB)``, the group's heads inside."""
@@ -367,11 +376,7 @@ def lse_kernel(
     NCB: tl.constexpr = 1 << LOG_NC
     RS: tl.constexpr = MAX_RS if TOK * GP > MAX_RS else TOK * GP  # rows per sub-tile
     NSUB: tl.constexpr = TOK * GP // RS
-    i_t, i_bh = tl.program_id(0), tl.program_id(1)
-    i_b, i_h = i_bh // HKV, i_bh % HKV
-    t0 = i_t * TOK
-    t_last = tl.minimum(t0 + TOK, T) - 1
-    p_kc = i_bh.to(tl.int64) * NBC * D
+    i_bh, i_b, i_h, t0, t_last, p_kc = _program_tokens(T, NBC, HKV, D, TOK)
     qs = ()
     toks = ()
     ms = ()
@@ -429,11 +434,7 @@ def select_blocks_kernel(
     NCB: tl.constexpr = 1 << LOG_C
     RS: tl.constexpr = MAX_RS if TOK * GP > MAX_RS else TOK * GP  # rows per sub-tile
     NSUB: tl.constexpr = TOK * GP // RS
-    i_t, i_bh = tl.program_id(0), tl.program_id(1)
-    i_b, i_h = i_bh // HKV, i_bh % HKV
-    t0 = i_t * TOK
-    t_last = tl.minimum(t0 + TOK, T) - 1
-    p_kc = i_bh.to(tl.int64) * NBC * D
+    i_bh, i_b, i_h, t0, t_last, p_kc = _program_tokens(T, NBC, HKV, D, TOK)
 
     # ---- the rows: q, and -lse as the operand of a K=16 matmul
     qs = ()

@@ -117,8 +117,9 @@ class StepProfile:
         for part, phase, start, end in self._spans:
             totals[part][f"{phase}_ms"] += self.clock.elapsed_ms(start, end)
         for outer, inner in INNER.items():
-            for phase in ("fwd_ms", "bwd_ms"):
-                totals[outer][phase] -= totals[inner][phase]
+            if outer in totals and inner in totals:
+                for phase in ("fwd_ms", "bwd_ms"):
+                    totals[outer][phase] -= totals[inner][phase]
         steps = max(self.steps, 1)
         return {part: {phase: ms / steps for phase, ms in t.items()} for part, t in totals.items()}
 

@@ -20,6 +20,7 @@ import json
 import logging
 import os
 import sys
+import time
 import warnings
 
 from ssa_megatron.config import field_help, load_config
@@ -139,6 +140,9 @@ def one_line(message: str) -> str:
     return "; ".join(part.strip() for part in str(message).splitlines() if part.strip())
 
 
+RANK_ZERO_GRACE_S = 3.0  # how long other ranks wait before exiting on bad input (seen lost under CPU load)
+
+
 def main(argv=None) -> None:
     """The ``ssa-pretrain`` entry point: bad input ends in one line on rank 0 and exit code 2."""
     args = parse_args(argv)  # argparse's own errors: usage + "ssa-pretrain: error: ...", exit code 2
@@ -157,4 +161,6 @@ def main(argv=None) -> None:
             raise
         if rank_zero:
             print(f"ssa-pretrain: error: {one_line(err)}", file=sys.stderr, flush=True)
+        else:  # torchrun stops every worker at the first exit: let rank 0 print its line first
+            time.sleep(RANK_ZERO_GRACE_S)
         sys.exit(2)

@@ -6,6 +6,7 @@ import pytest
 from tiny_config import tiny_config
 
 from ssa_megatron.config import load_config
+from ssa_megatron.model.config import SSAConfig
 
 
 @pytest.mark.parametrize(
@@ -16,6 +17,7 @@ from ssa_megatron.config import load_config
         ("ssa", {"training_mode": "moba"}, r"ssa.training_mode='moba'"),
         ("ssa", {"attention_mode": "ssa"}, r"ssa.attention_mode='ssa'"),
         ("ssa", {"alpha": -1.0}, r"ssa.alpha=-1.0"),
+        ("ssa", {"deterministic": "yes"}, r"ssa.deterministic='yes'"),
         ("model", {"num_attention_heads": 6, "num_query_groups": 4}, r"num_attention_heads=6 .*num_query_groups=4"),
         ("model", {"hidden_size": 30}, r"hidden_size=30 .*kv_channels"),
         ("train", {"dtype": "fp16"}, r"train.dtype='fp16'"),
@@ -30,6 +32,13 @@ from ssa_megatron.config import load_config
 def test_bad_values_raise_value_error_naming_the_field(section, values, message):
     with pytest.raises(ValueError, match=message):
         tiny_config(**{section: values})
+
+
+def test_ssa_deterministic_is_a_bool_off_by_default():
+    assert tiny_config().ssa.deterministic is False
+    assert tiny_config(ssa={"deterministic": True}).ssa.deterministic is True
+    with pytest.raises(ValueError, match=r"ssa.deterministic=1: must be true or false"):
+        SSAConfig(deterministic=1)  # built in code, without the run file's type check
 
 
 def test_world_size_must_fit_the_layout():

@@ -49,6 +49,7 @@ def test_yaml_1_1_exponent_without_a_dot_reads_as_a_number(tmp_path):
     ("model", "  num_layers: true", "RUN: model.num_layers=True: must be an integer, got a boolean"),
     ("model", "  num_layers: 4.5", "RUN: model.num_layers=4.5: must be an integer, got a number"),
     ("model", "  tie_embeddings: 1", "RUN: model.tie_embeddings=1: must be true or false, got an integer"),
+    ("ssa", "  deterministic: 1", "RUN: ssa.deterministic=1: must be true or false, got an integer"),
     ("train", "  lr_decay_style: 3", "RUN: train.lr_decay_style=3: must be a string, got an integer"),
     ("train", "  lr: .nan", "RUN: train.lr=nan: must be a finite number"),
     ("train", "  exit_signals: SIGTERM", "RUN: train.exit_signals='SIGTERM': must be a list, got a string"),

@@ -19,6 +19,10 @@ Sections (each guarded: a failure is recorded in the JSON and the run goes on):
           candidate of the paper's block 16 / top-16 timed on its own, the pooling kernel, and the
           exact-set check against the oracle at 8k and 32k (plus head_dim 128 and 8 heads per group).
 
+--deterministic adds the deterministic mode (ssa.deterministic) to check and time: its errors vs the
+oracle and whether two fwd+bwd give the same bits; its fwd / fwd+bwd time and peak memory beside the
+default path; in the breakdown, the stable inverse index and the atomic-free dK/dV (+ reduce).
+
 FLOPs (FlashAttention's convention): forward 4 * d * (query heads) * (attended keys), backward 2.5x
 the forward. Sparse "useful" FLOPs count only the keys a query attends (its selected blocks, keys
 <= the query); dense causal attends (s + 1) / 2 keys per query on average.
@@ -180,7 +184,7 @@ def time_dense(b: int, s: int) -> dict:
 # ----------------------------------------------------------------------------- ours
 
 
-def time_ours(b: int, s: int, block_size: int, top_k: int, breakdown: bool) -> dict:
+def time_ours(b: int, s: int, block_size: int, top_k: int, breakdown: bool, deterministic: bool = False) -> dict:
     q, k, v = make_qkv(b, s, seed=2, requires_grad=True)
     qd, kd = q.detach(), k.detach()
     idx = ssa_kernels.select_blocks(qd, kd, block_size, top_k)
@@ -199,6 +203,15 @@ def time_ours(b: int, s: int, block_size: int, top_k: int, breakdown: bool) -> d
     r["select_peak_mib"] = peak_mib(sel)
     r["fwd_bwd_peak_mib"] = peak_mib(fwd_bwd)
     q.grad = k.grad = v.grad = None
+    if deterministic:
+        fwd_det = lambda: ssa_kernels.sparse_attention(q, k, v, idx, block_size, deterministic=True)
+        fwd_bwd_det = lambda: fwd_det().backward(do)
+        fwd_bwd_det()
+        r["det_fwd_ms"] = bench_ms(fwd_det)
+        r["det_fwd_bwd_ms"] = bench_ms(fwd_bwd_det, grad_to_none=[q, k, v])
+        r["det_fwd_bwd_peak_mib"] = peak_mib(fwd_bwd_det)
+        r["det_bitwise_repeat"] = bitwise_repeat(q, k, v, idx, block_size, do)
+        q.grad = k.grad = v.grad = None
     if breakdown:
         with torch.no_grad():
             o, lse = sparse_mod.sparse_attention_fwd(qd, kd, v.detach(), idx, block_size)
@@ -211,6 +224,13 @@ def time_ours(b: int, s: int, block_size: int, top_k: int, breakdown: bool) -> d
                 r[f"bwd_index{tag}_ms"] = bench_ms(
                     lambda: sparse_mod.build_inverse_index(idx, s, block_size, chunk=chunk, range_tokens=rt))
                 r[f"bwd_dkdv{tag}_ms"] = bench_ms(
+                    lambda: sparse_mod.sparse_attention_bwd_dkdv(qd, kd, v.detach(), do, lse, delta, inv, block_size)
+                )
+            if deterministic:  # the stable index, and the dK/dV partials + their ordered sum
+                stable = lambda: sparse_mod.build_inverse_index(idx, s, block_size, sparse_mod.ITEM_TOKENS, stable=True)
+                inv = stable()
+                r["bwd_index_stable_ms"] = bench_ms(stable)
+                r["bwd_dkdv_det_ms"] = bench_ms(
                     lambda: sparse_mod.sparse_attention_bwd_dkdv(qd, kd, v.detach(), do, lse, delta, inv, block_size)
                 )
             # the same two passes with a trivial top-k (top_k=2: one carried key): the scoring floor
@@ -231,8 +251,22 @@ def time_ours(b: int, s: int, block_size: int, top_k: int, breakdown: bool) -> d
            f"(chunk256 {r['bwd_dkdv_chunk256_ms']:.3f}, chunk64 {r['bwd_dkdv_chunk64_ms']:.3f}, ranges2k "
            f"{r['bwd_dkdv_ranges2k_ms']:.3f}) select-1dot {r.get('select_single_dot_ms', float('nan')):.3f} "
            f"select-top2 {r['select_topk2_ms']:.3f}]"
-           if breakdown else ""))
+           if breakdown else "")
+        + (f"  | deterministic: fwd {r['det_fwd_ms']:.3f} fwd+bwd {r['det_fwd_bwd_ms']:.3f} peak "
+           f"{r['det_fwd_bwd_peak_mib']:.0f} MiB, same bits twice: {r['det_bitwise_repeat']}"
+           + (f" [index {r['bwd_index_stable_ms']:.3f} dkdv+reduce {r['bwd_dkdv_det_ms']:.3f}]" if breakdown else "")
+           if deterministic else ""))
     return r
+
+
+def bitwise_repeat(q, k, v, idx, block_size: int, do) -> bool:
+    """Two deterministic fwd+bwd on the same inputs: identical output and gradients, bit for bit."""
+    runs = []
+    for _ in range(2):
+        qq, kk, vv = (t.detach().clone().requires_grad_() for t in (q, k, v))
+        o = ssa_kernels.sparse_attention(qq, kk, vv, idx, block_size, deterministic=True)
+        runs.append((o, *torch.autograd.grad(o, (qq, kk, vv), do)))
+    return all(torch.equal(x, y) for x, y in zip(*runs))
 
 
 # ----------------------------------------------------------------------------- FlexAttention
@@ -368,7 +402,7 @@ def profile_layer(b: int, s: int, block_size: int, top_k: int, backend) -> dict:
 # ----------------------------------------------------------------------------- correctness
 
 
-def check(b: int, s: int, block_size: int, top_k: int) -> dict:
+def check(b: int, s: int, block_size: int, top_k: int, deterministic: bool = False) -> dict:
     q, k, v = make_qkv(b, s, seed=4)
     r = {}
     # selection: exact top-k vs the oracle on the same (bf16) values in float32
@@ -404,6 +438,17 @@ def check(b: int, s: int, block_size: int, top_k: int) -> dict:
     for name, x, ref in (("o", o, o_ref), ("dq", dq, g_ref[0]), ("dk", dk, g_ref[1]), ("dv", dv, g_ref[2])):
         r[f"{name}_finite"] = bool(torch.isfinite(x).all())
         r[f"{name}_rel_err"] = rel_err(x, ref)
+    det_ok = True
+    if deterministic:
+        poison()
+        o_det = ssa_kernels.sparse_attention(qg, kg, vg, ref_idx, block_size, deterministic=True)
+        poison()
+        g_det = torch.autograd.grad(o_det, (qg, kg, vg), do)
+        for name, x, ref in (("o", o_det, o_ref), ("dq", g_det[0], g_ref[0]), ("dk", g_det[1], g_ref[1]), ("dv", g_det[2], g_ref[2])):
+            r[f"det_{name}_rel_err"] = rel_err(x, ref) if bool(torch.isfinite(x).all()) else float("nan")
+        r["det_bitwise_repeat"] = bitwise_repeat(q, k, v, ref_idx, block_size, do)
+        det_ok = r["det_bitwise_repeat"] and all(r[f"det_{n}_rel_err"] < 2e-2 for n in ("o", "dq", "dk", "dv"))
+        del o_det, g_det
     # the bf16 forward's error relative to rounding the fp32 reference to bf16 (the floor)
     r["o_ref_bf16_rounding_rel_err"] = rel_err(o_ref.to(DTYPE), o_ref)
     # alignment loss
@@ -416,11 +461,14 @@ def check(b: int, s: int, block_size: int, top_k: int) -> dict:
         and r["select_same_set_frac"] > 0.99
         and all(r[f"{n}_finite"] and r[f"{n}_rel_err"] < 2e-2 for n in ("o", "dq", "dk", "dv"))
         and r["align_rel_err"] < 1e-4
+        and det_ok
     )
     log(f"  check bs{block_size} k{top_k} b{b} s{s}: pass={r['pass']} same-set {r['select_same_set_frac']:.5f} "
         f"shortfall {r.get('select_max_rel_importance_shortfall', 0):.1e} | rel err o {r['o_rel_err']:.1e} "
         f"dq {r['dq_rel_err']:.1e} dk {r['dk_rel_err']:.1e} dv {r['dv_rel_err']:.1e} (bf16 floor "
-        f"{r['o_ref_bf16_rounding_rel_err']:.1e})")
+        f"{r['o_ref_bf16_rounding_rel_err']:.1e})"
+        + (f" | deterministic: o {r['det_o_rel_err']:.1e} dq {r['det_dq_rel_err']:.1e} dk {r['det_dk_rel_err']:.1e} "
+           f"dv {r['det_dv_rel_err']:.1e}, same bits twice: {r['det_bitwise_repeat']}" if deterministic else ""))
     del o_ref, g_ref, q32, k32, v32
     torch.cuda.empty_cache()
     return r
@@ -585,6 +633,25 @@ def markdown(res: dict) -> str:
             lines.append(f"| {s} | {c} | {r['select_ms']:.3f} | {r.get('select_single_dot_ms', float('nan')):.3f} | "
                          f"{r.get('select_topk2_ms', float('nan')):.3f} | {r['fwd_ms']:.3f} | {r['bwd_dq_ms']:.3f} | {r['bwd_index_ms']:.3f} | {r['bwd_dkdv_ms']:.3f} | "
                          f"{r['bwd_dkdv_chunk256_ms']:.3f} | {r['bwd_dkdv_chunk64_ms']:.3f} | {r['bwd_dkdv_ranges2k_ms']:.3f} |")
+    det = [(s, c, r) for s, e in res.get("time", {}).items() for c, r in e.get("ours", {}).items() if "det_fwd_bwd_ms" in r]
+    if det:
+        nan = float("nan")
+        lines += ["", "### Deterministic mode (`deterministic=True`, `ssa.deterministic`) vs the default path", "",
+                  "| seq x batch | block-top-k | fwd ms | det fwd ms | fwd+bwd ms | det fwd+bwd ms | det / default | "
+                  "peak MiB default / det | same bits twice | index default / stable ms | dk/dv default / det + reduce ms |",
+                  "|---|---|---|---|---|---|---|---|---|---|---|"]
+        for s, c, r in det:
+            lines.append(f"| {s} | {c} | {r['fwd_ms']:.3f} | {r['det_fwd_ms']:.3f} | {r['fwd_bwd_ms']:.3f} | {r['det_fwd_bwd_ms']:.3f} | "
+                         f"{r['det_fwd_bwd_ms'] / r['fwd_bwd_ms']:.2f}x | {r['fwd_bwd_peak_mib']:.0f} / {r['det_fwd_bwd_peak_mib']:.0f} | "
+                         f"{r['det_bitwise_repeat']} | {r.get('bwd_index_ms', nan):.3f} / {r.get('bwd_index_stable_ms', nan):.3f} | "
+                         f"{r.get('bwd_dkdv_ms', nan):.3f} / {r.get('bwd_dkdv_det_ms', nan):.3f} |")
+    det_checks = [(key, r) for key, r in res.get("check", {}).items() if "det_bitwise_repeat" in r]
+    if det_checks:
+        lines += ["", "Deterministic mode, correctness (same inputs and oracle as above) and a bitwise repeat of fwd+bwd:", "",
+                  "| config | same bits twice | o | dq | dk | dv |", "|---|---|---|---|---|---|"]
+        for key, r in det_checks:
+            lines.append(f"| {key} | {r['det_bitwise_repeat']} | {r['det_o_rel_err']:.1e} | {r['det_dq_rel_err']:.1e} | "
+                         f"{r['det_dk_rel_err']:.1e} | {r['det_dv_rel_err']:.1e} |")
     if res.get("select"):
         lines += ["", "## select_blocks alone", "",
                   "| seq x batch | block | top-k | select ms | pooling ms | peak MiB | autotune picks (lse; select) |",
@@ -630,7 +697,7 @@ def markdown(res: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
-def prewarm_worker(seqs: str, select_only: bool):
+def prewarm_worker(seqs: str, select_only: bool, deterministic: bool = False):
     """Compile this process's one autotune candidate (SSA_KERNELS_CONFIG) of every kernel the run uses.
 
     Shapes at a short sequence: the sequence length is never specialised on, so the compiled kernels
@@ -649,6 +716,8 @@ def prewarm_worker(seqs: str, select_only: bool):
                 idx = ssa_kernels.select_blocks(q.detach(), kk.detach(), bs, k)
             select_mod.SPLIT_SCORES = True
             ssa_kernels.sparse_attention(q, kk, v, idx, bs).backward(torch.randn_like(q))
+            if deterministic:
+                ssa_kernels.sparse_attention(q, kk, v, idx, bs, deterministic=True).backward(torch.randn_like(q))
         o = torch.randn(b, s, HQ, D, device=DEV, dtype=DTYPE, requires_grad=True)
         ssa_kernels.alignment_loss(o, torch.randn_like(o)).backward()
     torch.cuda.synchronize()
@@ -669,7 +738,7 @@ def prewarm_select(b: int, s: int, cand: int):
             _first_candidates(lambda: ssa_kernels.select_blocks(qq, kk, 16, 16))
 
 
-def prewarm(n_configs: int, select_only: bool):
+def prewarm(n_configs: int, select_only: bool, deterministic: bool = False):
     """Compile the autotune candidates in parallel processes (one candidate each) before timing."""
     import subprocess
 
@@ -678,7 +747,8 @@ def prewarm(n_configs: int, select_only: bool):
     procs = []
     for i in range(n_configs):
         env_i = dict(env, SSA_KERNELS_CONFIG=str(i))
-        cmd = [sys.executable, os.path.abspath(__file__), "--prewarm-worker", "2048"] + ["--select-only"] * select_only
+        cmd = ([sys.executable, os.path.abspath(__file__), "--prewarm-worker", "2048"] + ["--select-only"] * select_only
+               + ["--deterministic"] * deterministic)
         procs.append(subprocess.Popen(cmd, env=env_i))
     rcs = [p.wait() for p in procs]
     log(f"== prewarm: {n_configs} processes, rc {rcs}, {time.time() - t0:.0f} s")
@@ -702,9 +772,11 @@ def main():
     ap.add_argument("--prewarm", type=int, default=4, help="parallel compile processes (0: none)")
     ap.add_argument("--prewarm-worker", default=None, help=argparse.SUPPRESS)
     ap.add_argument("--select-only", action="store_true", help=argparse.SUPPRESS)
+    ap.add_argument("--deterministic", action="store_true",
+                    help="also check and time the deterministic mode (check, time sections)")
     args = ap.parse_args()
     if args.prewarm_worker:
-        prewarm_worker(args.prewarm_worker, args.select_only)
+        prewarm_worker(args.prewarm_worker, args.select_only, args.deterministic)
         return
     t_start = time.time()
     os.makedirs(args.out, exist_ok=True)
@@ -717,7 +789,7 @@ def main():
     }}
     log(json.dumps(res["env"]))
     if args.prewarm:
-        prewarm(args.prewarm, sections == {"select"})
+        prewarm(args.prewarm, sections == {"select"}, args.deterministic)
 
     def save():
         res["autotune"] = autotune_choices()
@@ -751,7 +823,7 @@ def main():
             for bs, k in CONFIGS:
                 if s == 32768 and bs * k > 256:
                     continue  # the float32 oracle's autograd graph would need ~64 GB at 32k x 1024 keys
-                guarded(res["check"], f"s{s}xb{batch_for(s)}-bs{bs}-k{k}", check, batch_for(s), s, bs, k)
+                guarded(res["check"], f"s{s}xb{batch_for(s)}-bs{bs}-k{k}", check, batch_for(s), s, bs, k, args.deterministic)
     if "time" in sections:
         log("== time")
         res["time"] = {}
@@ -760,7 +832,7 @@ def main():
             entry = res["time"].setdefault(f"{s}x{b}", {"ours": {}, "flex": {}})
             guarded(entry, "dense", time_dense, b, s)
             for bs, k in CONFIGS:
-                guarded(entry["ours"], f"{bs}-{k}", time_ours, b, s, bs, k, s == 32768)
+                guarded(entry["ours"], f"{bs}-{k}", time_ours, b, s, bs, k, s == 32768, args.deterministic)
     if "select" in sections:
         log("== select")
         res["select"] = {"time": {}, "check": {}}

@@ -4,7 +4,8 @@ Layout ``[B, T, H, D]`` (batch, sequence, heads, head dim), as in ``ssa_megatron
 ``backend="triton"`` calls these functions and whose torch reference is their oracle:
 
 * ``select_blocks(q, k, block_size, top_k) -> idx [B, T, HKV, top_k]`` int64 — exact top-k;
-* ``sparse_attention(q, k, v, idx, block_size) -> o [B, T, HQ, D]`` — differentiable in q, k, v;
+* ``sparse_attention(q, k, v, idx, block_size, deterministic=False) -> o [B, T, HQ, D]`` —
+  differentiable in q, k, v; ``deterministic=True`` fixes every summation order (bitwise repeats);
 * ``alignment_loss(o_full, o_sparse) -> scalar`` — fused forward/backward of the symmetric SmoothL1;
 * ``cross_entropy_stats`` / ``cross_entropy_grad_`` — a logits chunk's logsumexp and gradient, for
   the fused linear + cross-entropy output layer.

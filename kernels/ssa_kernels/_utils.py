@@ -42,6 +42,18 @@ def configs(candidates: list[triton.Config]) -> list[triton.Config]:
     return candidates
 
 
+def launch(kernel, grid, *args, pinned: bool = False, **kwargs):
+    """``kernel[grid](*args, **kwargs)`` for an autotuned kernel; ``pinned=True`` skips the tuning and
+    runs its first candidate config (what the interpreter and ``SSA_KERNELS_AUTOTUNE=0`` also run).
+
+    Deterministic mode pins: a config's tile sizes and warp count fix the summation order, and the
+    autotuner picks by timing, so two processes may pick different configs and round differently.
+    """
+    if pinned:
+        return kernel.fn[grid](*args, **kwargs, **kernel.configs[0].all_kwargs())
+    return kernel[grid](*args, **kwargs)
+
+
 def dot_precision(dtype: torch.dtype) -> str:
     """fp32 operands use IEEE fp32 dots (tf32 would cost ~5e-4 relative error); 16-bit use tensor cores."""
     return "ieee" if dtype == torch.float32 else "tf32"

@@ -2,13 +2,15 @@
 
 ``idx [B, T, HKV, K]`` says which blocks each token attends; the backward wants, per key block,
 the tokens that attend it. Bins are (batch x KV head, token range, block); a selection entry
-``(b, t, h, slot) -> blk`` falls in bin ``((b * HKV + h) * NR + t // RT) * NB + blk``.
+``(b, t, h, slot) -> blk`` falls in bin ``((b * HKV + h) * NR + t // RT) * NB + blk`` (``_entry_bins``).
 
-1. ``inverse_hist_kernel``: count entries per bin (int32 atomics);
+1. ``inverse_hist_kernel``: count entries per bin (int32 atomics: the counts do not depend on the order);
 2. ``inverse_scan_kernel``: one program scans the counts -> bin starts (= scatter cursors), and the
    number of dK/dV work items per bin (``cdiv(count, chunk)``) -> each bin's first item; total items;
 3. ``inverse_scatter_kernel``: every entry takes a slot in its bin (atomic cursor) and writes its
-   token there; the order inside a bin is arbitrary (the dK/dV sum does not care);
+   token there; the order inside a bin is arbitrary (the atomic dK/dV sum does not care);
+   ``stable=True`` instead writes each entry's bin (``inverse_keys_kernel``) and stable-sorts the
+   entries by it (``torch.sort``): a bin's tokens come out in increasing order, the same every run;
 4. ``inverse_items_kernel``: writes the work items ``(bin, start, end)``, at most ``chunk`` tokens
    each, so a block that every token selects (a sink block) spreads over many programs.
 
@@ -17,6 +19,8 @@ entries; the dK/dV kernel reads the true count from ``n_items`` on the device.
 """
 
 from __future__ import annotations
+
+from typing import NamedTuple
 
 import torch
 import triton
@@ -30,18 +34,28 @@ ITEM_TOKENS = 128
 SCAN_BLOCK = 1024
 
 
-@triton.jit(do_not_specialize=["T", "TOPK", "NB", "NR", "RT"])
-def inverse_hist_kernel(idx, counts, T, TOPK, NB, NR, RT, HKV: tl.constexpr, BTT: tl.constexpr, KK: tl.constexpr):
+@triton.jit
+def _entry_bins(idx, T, TOPK, NB, NR, RT, HKV: tl.constexpr, BTT: tl.constexpr, KK: tl.constexpr):
+    """This program's ``[BTT, KK]`` selection entries (``BTT`` tokens x the slots of one KV head).
+
+    Returns (bin, valid, token, entry offset into ``idx``, in range); ``valid`` drops unused (-1) slots.
+    """
     i_t, i_bh = tl.program_id(0), tl.program_id(1)
     i_b, i_h = i_bh // HKV, i_bh % HKV
     o_t = i_t * BTT + tl.arange(0, BTT)
     o_k = tl.arange(0, KK)
-    m = (o_t < T)[:, None] & (o_k < TOPK)[None, :]
-    p_idx = idx + ((i_b * T + o_t).to(tl.int64) * HKV + i_h)[:, None] * TOPK + o_k[None, :]
+    m_e = (o_t < T)[:, None] & (o_k < TOPK)[None, :]
+    o_e = ((i_b * T + o_t).to(tl.int64) * HKV + i_h)[:, None] * TOPK + o_k[None, :]
     # [BTT, KK]
-    b_blk = tl.load(p_idx, mask=m, other=-1).to(tl.int32)
-    m = m & (b_blk >= 0) & (b_blk < NB)
+    b_blk = tl.load(idx + o_e, mask=m_e, other=-1).to(tl.int32)
+    m = m_e & (b_blk >= 0) & (b_blk < NB)
     b_bin = (i_bh * NR + o_t // RT)[:, None] * NB + b_blk
+    return b_bin, m, o_t, o_e, m_e
+
+
+@triton.jit(do_not_specialize=["T", "TOPK", "NB", "NR", "RT"])
+def inverse_hist_kernel(idx, counts, T, TOPK, NB, NR, RT, HKV: tl.constexpr, BTT: tl.constexpr, KK: tl.constexpr):
+    b_bin, m, _, _, _ = _entry_bins(idx, T, TOPK, NB, NR, RT, HKV, BTT, KK)
     tl.atomic_add(counts + b_bin, tl.full([BTT, KK], 1, tl.int32), mask=m, sem="relaxed")
 
 
@@ -49,19 +63,20 @@ def inverse_hist_kernel(idx, counts, T, TOPK, NB, NR, RT, HKV: tl.constexpr, BTT
 def inverse_scatter_kernel(
     idx, cursor, tok, T, TOPK, NB, NR, RT, HKV: tl.constexpr, BTT: tl.constexpr, KK: tl.constexpr
 ):
-    i_t, i_bh = tl.program_id(0), tl.program_id(1)
-    i_b, i_h = i_bh // HKV, i_bh % HKV
-    o_t = i_t * BTT + tl.arange(0, BTT)
-    o_k = tl.arange(0, KK)
-    m = (o_t < T)[:, None] & (o_k < TOPK)[None, :]
-    p_idx = idx + ((i_b * T + o_t).to(tl.int64) * HKV + i_h)[:, None] * TOPK + o_k[None, :]
-    b_blk = tl.load(p_idx, mask=m, other=-1).to(tl.int32)
-    m = m & (b_blk >= 0) & (b_blk < NB)
-    b_bin = (i_bh * NR + o_t // RT)[:, None] * NB + b_blk
-    # [BTT, KK] slot of each entry inside its bin
+    b_bin, m, o_t, _, _ = _entry_bins(idx, T, TOPK, NB, NR, RT, HKV, BTT, KK)
+    # [BTT, KK] slot of each entry inside its bin: whichever program's atomic comes first
     b_pos = tl.atomic_add(cursor + b_bin, tl.full([BTT, KK], 1, tl.int32), mask=m, sem="relaxed")
     b_tok = tl.zeros([BTT, KK], dtype=tl.int32) + o_t[:, None]
     tl.store(tok + b_pos, b_tok, mask=m)
+
+
+@triton.jit(do_not_specialize=["T", "TOPK", "NB", "NR", "RT", "NBINS"])
+def inverse_keys_kernel(
+    idx, keys, T, TOPK, NB, NR, RT, NBINS, HKV: tl.constexpr, BTT: tl.constexpr, KK: tl.constexpr
+):
+    """The stable path's sort keys: each entry's bin, ``NBINS`` (after every bin) for unused slots."""
+    b_bin, m, _, o_e, m_e = _entry_bins(idx, T, TOPK, NB, NR, RT, HKV, BTT, KK)
+    tl.store(keys + o_e, tl.where(m, b_bin, NBINS), mask=m_e)
 
 
 @triton.jit(do_not_specialize=["NBINS"])
@@ -101,9 +116,27 @@ def inverse_items_kernel(
         tl.store(item_end + b_fi + j, tl.minimum(b_s0 + CT, b_st + b_c), mask=m_j)
 
 
+class InverseIndex(NamedTuple):
+    """A selection as dK/dV work items: item ``i < n_items[0]`` covers the tokens
+    ``tok[item_start[i]:item_end[i]]`` of bin ``item_bin[i]``; bin ``j``'s items are
+    ``item_first[j] .. item_first[j] + cdiv(counts[j], chunk) - 1``, in token order."""
+
+    tok: torch.Tensor  # [entries] int32, grouped by bin
+    item_bin: torch.Tensor  # [items upper bound] int32 (entries past n_items are zero)
+    item_start: torch.Tensor
+    item_end: torch.Tensor
+    n_items: torch.Tensor  # [1] int32, on the device
+    n_ranges: int
+    counts: torch.Tensor  # [bins] int32 entries per bin
+    item_first: torch.Tensor  # [bins] int32 first work item of each bin
+    chunk: int  # at most this many tokens per item
+    stable: bool  # tokens in increasing order inside each bin
+
+
 def build_inverse_index(
-    idx: torch.Tensor, seq_len: int, block_size: int, chunk: int = ITEM_TOKENS, range_tokens: int = 0
-):
+    idx: torch.Tensor, seq_len: int, block_size: int, chunk: int = ITEM_TOKENS, range_tokens: int = 0,
+    stable: bool = False,
+) -> InverseIndex:
     """Key-block-major view of a selection as dK/dV work items, on the device, without host sync.
 
     Args:
@@ -112,11 +145,11 @@ def build_inverse_index(
         chunk: at most this many tokens per work item.
         range_tokens: bin tokens also by ``t // range_tokens`` (0: one range), so the items that run
             together read one window of q/dO rows.
+        stable: list each bin's tokens in increasing order (a stable sort instead of the atomic
+            scatter), so the index, and every work item, is the same in every run.
 
     Returns:
-        ``(tok, item_bin, item_start, item_end, n_items, n_ranges)``: item ``i < n_items[0]`` covers
-        the tokens ``tok[item_start[i]:item_end[i]]`` of bin ``item_bin[i]``; the arrays hold a static
-        upper bound of items, entries past ``n_items`` are zero.
+        an :class:`InverseIndex`.
     """
     b, t, hkv, top_k = idx.shape
     dev = idx.device
@@ -130,16 +163,24 @@ def build_inverse_index(
     kk = next_pow2(top_k)
     btt = max(1, 1024 // kk)
     grid = (cdiv(t, btt), b * hkv)
-    inverse_hist_kernel[grid](idx, counts, t, top_k, nb, n_ranges, rt, HKV=hkv, BTT=btt, KK=kk)
+    entries = dict(HKV=hkv, BTT=btt, KK=kk)
+    inverse_hist_kernel[grid](idx, counts, t, top_k, nb, n_ranges, rt, **entries)
     starts = torch.empty(nbins, dtype=torch.int32, device=dev)
     cursor = torch.empty(nbins, dtype=torch.int32, device=dev)
     first = torch.empty(nbins, dtype=torch.int32, device=dev)
     n_items = torch.empty(1, dtype=torch.int32, device=dev)
     inverse_scan_kernel[(1,)](counts, starts, cursor, first, n_items, nbins, CT=chunk, SB=SCAN_BLOCK)
-    tok = torch.empty(max(1, b * t * hkv * top_k), dtype=torch.int32, device=dev)
-    inverse_scatter_kernel[grid](idx, cursor, tok, t, top_k, nb, n_ranges, rt, HKV=hkv, BTT=btt, KK=kk)
+    if stable:
+        # the entries sorted by bin, stably: inside a bin, in idx's memory order, i.e. by token
+        keys = torch.empty(b * t * hkv * top_k, dtype=torch.int32, device=dev)
+        inverse_keys_kernel[grid](idx, keys, t, top_k, nb, n_ranges, rt, nbins, **entries)
+        order = torch.sort(keys, stable=True).indices
+        tok = (order // (hkv * top_k) % t).to(torch.int32)  # entry (b, t, h, slot) -> t
+    else:
+        tok = torch.empty(max(1, b * t * hkv * top_k), dtype=torch.int32, device=dev)
+        inverse_scatter_kernel[grid](idx, cursor, tok, t, top_k, nb, n_ranges, rt, **entries)
     items = torch.zeros(3, n_ub, dtype=torch.int32, device=dev)
     inverse_items_kernel[(cdiv(nbins, SCAN_BLOCK),)](
         counts, starts, first, items[0], items[1], items[2], nbins, CT=chunk, SB=SCAN_BLOCK
     )
-    return tok, items[0], items[1], items[2], n_items, n_ranges
+    return InverseIndex(tok, items[0], items[1], items[2], n_items, n_ranges, counts, first, chunk, stable)

@@ -22,6 +22,18 @@ them (never once per head).
   ``[block_size, D]`` add per item; the summation order, hence the last bits of dK/dV, is not
   deterministic).
 
+Deterministic mode (``deterministic=True``, ``ssa.deterministic``): the same kernels with every
+summation order fixed, so two runs on the same inputs give the same bits. The inverse index is
+stable (each block's tokens in increasing order, hence the same work items every run); each dK/dV
+item stores its partial in its own slot (the ``DETERMINISTIC`` variant of the kernel, no atomics)
+and ``sparse_bwd_dkdv_reduce_kernel`` sums a block's slots in item order and writes dK/dV in the
+input dtype; every kernel runs its first autotune candidate (``_utils.launch(pinned=True)``), since
+the tile sizes fix the order of the online softmax and of the dot accumulations. Forward and dQ have
+no atomics (one program owns each output row); selection and the alignment loss are deterministic
+in either mode (``docs/kernels.md``). Cost: a second small kernel, a sort of the selection, and
+``[items, block_size, D]`` fp32 partials (~3 KB per token for the 1B layer) instead of the fp32
+dK/dV accumulators.
+
 Every kernel reads q/k/v/dO through batch/sequence/head strides (head dim contiguous), so
 Megatron's ``[s, b, h, d]`` tensors seen as ``[b, s, h, d]`` need no copy.
 """
@@ -41,14 +53,16 @@ from ssa_kernels._utils import (
     interpreter_upcast,
     kernel_dtype_ok,
     last_dim_contiguous,
+    launch,
     next_pow2,
     softmax_scale,
 )
-from ssa_kernels.inverse import ITEM_TOKENS, build_inverse_index  # noqa: F401 (ITEM_TOKENS: benchmark)
+from ssa_kernels.inverse import ITEM_TOKENS, InverseIndex, build_inverse_index
 
 # Token ranges of the inverse index (0: none). Measured on the H100 (docs/kernels.md): binning
 # the selecting tokens by 2k-token ranges to keep q/dO rows in L2 did not pay (more, smaller work
-# items and atomics), so the default is one range.
+# items and atomics), so the default is one range. Deterministic mode always uses one range (each
+# key block's partials are then summed by one reduction).
 RANGE_TOKENS = 0
 
 
@@ -210,6 +224,22 @@ def sparse_bwd_dq_kernel(
     tl.store(dq + o_row[:, None] * D + o_d[None, :], b_dq.to(dq.dtype.element_ty), mask=m_g[:, None])
 
 
+@triton.jit
+def _key_block(i_bin, n_rows, T, NB, NR, HKV: tl.constexpr, BS: tl.constexpr, BSP: tl.constexpr):
+    """Batch, KV head and the ``BSP`` (padded) key rows of bin ``i_bin``'s block; ``m_s``: the first
+    ``n_rows`` rows that exist."""
+    i_bh, i_j = i_bin // (NB * NR), i_bin % NB
+    o_s = tl.arange(0, BSP)
+    o_key = i_j * BS + o_s
+    return i_bh // HKV, i_bh % HKV, o_key, (o_s < n_rows) & (o_key < T)
+
+
+@triton.jit
+def _kv_rows(i_b, i_h, o_key, T, HKV: tl.constexpr, D: tl.constexpr):
+    """``[BSP, D]`` offsets of keys ``o_key`` of KV head ``i_h`` in a contiguous ``[B, T, HKV, D]``."""
+    return ((i_b * T + o_key).to(tl.int64) * HKV + i_h)[:, None] * D + tl.arange(0, D)[None, :]
+
+
 @triton.autotune(
     configs=configs(
         [
@@ -262,8 +292,12 @@ def sparse_bwd_dkdv_kernel(
     BS: tl.constexpr,
     BSP: tl.constexpr,
     PREC: tl.constexpr,
+    DETERMINISTIC: tl.constexpr,
     BR: tl.constexpr,
 ):
+    """dK/dV of one work item: its tokens' rows against one key block. Default: ``atomic_add`` into the
+    fp32 ``dk``/``dv [B, T, HKV, D]``; ``DETERMINISTIC``: ``dk``/``dv`` are ``[items, BSP, D]`` fp32
+    partials, the item stores its own slot (summed in item order by ``sparse_bwd_dkdv_reduce_kernel``)."""
     # tokens per step; rows = TB tokens x G2 heads (G2 = G rounded up to a power of two)
     TB: tl.constexpr = (BR + G2 - 1) // G2
     R: tl.constexpr = TB * G2
@@ -272,13 +306,8 @@ def sparse_bwd_dkdv_kernel(
     i_start = tl.load(item_start + i_item)
     # items past the true count (the grid is a static upper bound) are empty
     i_end = tl.where(i_item < tl.load(n_items), tl.load(item_end + i_item), i_start)
-    i_bh, i_j = i_bin // (NB * NR), i_bin % NB
-    i_b, i_h = i_bh // HKV, i_bh % HKV
-
-    o_s = tl.arange(0, BSP)
-    o_key = i_j * BS + o_s
     # an empty item (start == end) writes nothing
-    m_s = (o_s < tl.where(i_end > i_start, BS, 0)) & (o_key < T)
+    i_b, i_h, o_key, m_s = _key_block(i_bin, tl.where(i_end > i_start, BS, 0), T, NB, NR, HKV, BS, BSP)
     o_d = tl.arange(0, D)
     p_k = k + i_b.to(tl.int64) * stride_kb + o_key[:, None].to(tl.int64) * stride_kt + i_h * stride_kh
     p_v = v + i_b.to(tl.int64) * stride_vb + o_key[:, None].to(tl.int64) * stride_vt + i_h * stride_vh
@@ -316,23 +345,54 @@ def sparse_bwd_dkdv_kernel(
         b_ds = b_p * (b_dp - b_delta[:, None])
         b_dk += tl.dot(tl.trans(b_ds.to(b_q.dtype)), b_q, input_precision=PREC)
     b_dk = b_dk * scale
-    o_w = ((i_b * T + o_key).to(tl.int64) * HKV + i_h)[:, None] * D + o_d[None, :]
-    tl.atomic_add(dk + o_w, b_dk, mask=m_s[:, None], sem="relaxed")
-    tl.atomic_add(dv + o_w, b_dv, mask=m_s[:, None], sem="relaxed")
+    if DETERMINISTIC:
+        o_p = (i_item.to(tl.int64) * BSP + tl.arange(0, BSP))[:, None] * D + o_d[None, :]
+        tl.store(dk + o_p, b_dk, mask=m_s[:, None])
+        tl.store(dv + o_p, b_dv, mask=m_s[:, None])
+    else:
+        o_w = _kv_rows(i_b, i_h, o_key, T, HKV, D)
+        tl.atomic_add(dk + o_w, b_dk, mask=m_s[:, None], sem="relaxed")
+        tl.atomic_add(dv + o_w, b_dv, mask=m_s[:, None], sem="relaxed")
+
+
+@triton.jit(do_not_specialize=["T", "NB"])
+def sparse_bwd_dkdv_reduce_kernel(
+    part_k, part_v, counts, item_first, dk, dv, T, NB,
+    CT: tl.constexpr, HKV: tl.constexpr, D: tl.constexpr, BS: tl.constexpr, BSP: tl.constexpr,
+):
+    """Deterministic mode: one key block's dK/dV = its work items' partials summed in item order
+    (the stable index fixes which tokens each item holds), written once in dk/dv's dtype; a block
+    nobody selected gets zeros."""
+    i_bin = tl.program_id(0)
+    i_b, i_h, o_key, m_s = _key_block(i_bin, BS, T, NB, 1, HKV, BS, BSP)
+    i_first = tl.load(item_first + i_bin)
+    n = (tl.load(counts + i_bin) + CT - 1) // CT
+    o_p = tl.arange(0, BSP)[:, None] * D + tl.arange(0, D)[None, :]
+    b_dk = tl.zeros([BSP, D], dtype=tl.float32)
+    b_dv = tl.zeros([BSP, D], dtype=tl.float32)
+    for j in range(n):
+        p = (i_first + j).to(tl.int64) * BSP * D + o_p
+        b_dk += tl.load(part_k + p, mask=m_s[:, None], other=0.0)
+        b_dv += tl.load(part_v + p, mask=m_s[:, None], other=0.0)
+    o_w = _kv_rows(i_b, i_h, o_key, T, HKV, D)
+    tl.store(dk + o_w, b_dk.to(dk.dtype.element_ty), mask=m_s[:, None])
+    tl.store(dv + o_w, b_dv.to(dv.dtype.element_ty), mask=m_s[:, None])
 
 
 def _strides(t: torch.Tensor):
     return t.stride(0), t.stride(1), t.stride(2)
 
 
-def sparse_attention_fwd(q, k, v, idx, block_size):
+def sparse_attention_fwd(q, k, v, idx, block_size, deterministic=False):
     """Launcher: -> (o ``[B, T, HQ, D]`` contiguous, lse ``[B, T, HQ]`` fp32, base 2)."""
     b, t, hq, d = q.shape
     hkv, top_k = k.shape[2], idx.shape[-1]
     g = hq // hkv
     o = torch.empty(b, t, hq, d, dtype=q.dtype, device=q.device)
     lse = torch.empty(b, t, hq, dtype=torch.float32, device=q.device)
-    sparse_fwd_kernel[(t, b * hkv)](
+    launch(
+        sparse_fwd_kernel,
+        (t, b * hkv),
         q,
         k,
         v,
@@ -345,6 +405,7 @@ def sparse_attention_fwd(q, k, v, idx, block_size):
         *_strides(q),
         *_strides(k),
         *_strides(v),
+        pinned=deterministic,
         HQ=hq,
         HKV=hkv,
         G=g,
@@ -356,7 +417,7 @@ def sparse_attention_fwd(q, k, v, idx, block_size):
     return o, lse
 
 
-def sparse_attention_bwd_dq(q, k, v, idx, o, lse, do, block_size):
+def sparse_attention_bwd_dq(q, k, v, idx, o, lse, do, block_size, deterministic=False):
     """Launcher: dq ``[B, T, HQ, D]`` and delta ``[B, T, HQ]`` fp32, token-major."""
     b, t, hq, d = q.shape
     hkv, top_k = k.shape[2], idx.shape[-1]
@@ -364,7 +425,9 @@ def sparse_attention_bwd_dq(q, k, v, idx, o, lse, do, block_size):
     scale = softmax_scale(d)
     delta = torch.empty(b, t, hq, dtype=torch.float32, device=q.device)
     dq = torch.empty(b, t, hq, d, dtype=q.dtype, device=q.device)
-    sparse_bwd_dq_kernel[(t, b * hkv)](
+    launch(
+        sparse_bwd_dq_kernel,
+        (t, b * hkv),
         q,
         k,
         v,
@@ -382,6 +445,7 @@ def sparse_attention_bwd_dq(q, k, v, idx, o, lse, do, block_size):
         *_strides(k),
         *_strides(v),
         *_strides(do),
+        pinned=deterministic,
         HQ=hq,
         HKV=hkv,
         G=g,
@@ -393,75 +457,106 @@ def sparse_attention_bwd_dq(q, k, v, idx, o, lse, do, block_size):
     return dq, delta
 
 
-def sparse_attention_bwd_dkdv(q, k, v, do, lse, delta, inverse, block_size):
-    """Launcher: dk, dv ``[B, T, HKV, D]`` (fp32 accumulation), key-block-major over ``inverse``."""
+def sparse_attention_bwd_dkdv(q, k, v, do, lse, delta, inverse: InverseIndex, block_size):
+    """Launcher: dk, dv ``[B, T, HKV, D]`` (fp32 accumulation), key-block-major over ``inverse``.
+
+    A stable ``inverse`` (one token range) takes the deterministic path: per-item partials, then
+    their sum in item order.
+    """
     b, t, hq, d = q.shape
     hkv = k.shape[2]
     g = hq // hkv
     scale = softmax_scale(d)
-    tok, ibin, istart, iend, n_items, n_ranges = inverse
-    dk = torch.zeros(b, t, hkv, d, dtype=torch.float32, device=q.device)
-    dv = torch.zeros(b, t, hkv, d, dtype=torch.float32, device=q.device)
-    sparse_bwd_dkdv_kernel[(ibin.numel(),)](
+    nb, bsp = cdiv(t, block_size), max(16, next_pow2(block_size))
+    deterministic = inverse.stable
+    if deterministic:
+        if inverse.n_ranges != 1:
+            raise ValueError("the deterministic dK/dV needs an inverse index with one token range")
+        n_slots = inverse.item_bin.numel()
+        dk = torch.empty(n_slots, bsp, d, dtype=torch.float32, device=q.device)
+        dv = torch.empty_like(dk)
+    else:
+        dk = torch.zeros(b, t, hkv, d, dtype=torch.float32, device=q.device)
+        dv = torch.zeros(b, t, hkv, d, dtype=torch.float32, device=q.device)
+    launch(
+        sparse_bwd_dkdv_kernel,
+        (inverse.item_bin.numel(),),
         q,
         k,
         v,
         do,
         lse,
         delta,
-        tok,
-        ibin,
-        istart,
-        iend,
-        n_items,
+        inverse.tok,
+        inverse.item_bin,
+        inverse.item_start,
+        inverse.item_end,
+        inverse.n_items,
         dk,
         dv,
         t,
-        cdiv(t, block_size),
-        n_ranges,
+        nb,
+        inverse.n_ranges,
         scale * LOG2E,
         scale,
         *_strides(q),
         *_strides(k),
         *_strides(v),
         *_strides(do),
+        pinned=deterministic,
         HQ=hq,
         HKV=hkv,
         G=g,
         G2=next_pow2(g),
         D=d,
         BS=block_size,
-        BSP=max(16, next_pow2(block_size)),
+        BSP=bsp,
         PREC=dot_precision(q.dtype),
+        DETERMINISTIC=deterministic,
     )
-    return dk.to(k.dtype), dv.to(v.dtype)
+    if not deterministic:
+        return dk.to(k.dtype), dv.to(v.dtype)
+    part_k, part_v = dk, dv
+    dk = torch.empty(b, t, hkv, d, dtype=k.dtype, device=q.device)
+    dv = torch.empty(b, t, hkv, d, dtype=v.dtype, device=q.device)
+    sparse_bwd_dkdv_reduce_kernel[(b * hkv * nb,)](
+        part_k, part_v, inverse.counts, inverse.item_first, dk, dv, t, nb,
+        CT=inverse.chunk, HKV=hkv, D=d, BS=block_size, BSP=bsp,
+    )
+    return dk, dv
 
 
-def sparse_attention_bwd(q, k, v, idx, o, lse, do, block_size):
+def sparse_attention_bwd(q, k, v, idx, o, lse, do, block_size, deterministic=False):
     """Launcher: dq via the token-major kernel, dk/dv via the key-block-major one."""
-    dq, delta = sparse_attention_bwd_dq(q, k, v, idx, o, lse, do, block_size)
-    inverse = build_inverse_index(idx, q.shape[1], block_size, range_tokens=RANGE_TOKENS)
+    dq, delta = sparse_attention_bwd_dq(q, k, v, idx, o, lse, do, block_size, deterministic)
+    inverse = build_inverse_index(
+        idx, q.shape[1], block_size, ITEM_TOKENS, range_tokens=0 if deterministic else RANGE_TOKENS, stable=deterministic
+    )
     dk, dv = sparse_attention_bwd_dkdv(q, k, v, do, lse, delta, inverse, block_size)
     return dq, dk, dv
 
 
 class SparseAttentionFunction(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, q, k, v, idx, block_size):
-        o, lse = sparse_attention_fwd(q, k, v, idx, block_size)
+    def forward(ctx, q, k, v, idx, block_size, deterministic):
+        o, lse = sparse_attention_fwd(q, k, v, idx, block_size, deterministic)
         ctx.save_for_backward(q, k, v, idx, o, lse)
         ctx.block_size = block_size
+        ctx.deterministic = deterministic
         return o
 
     @staticmethod
     def backward(ctx, do):
         q, k, v, idx, o, lse = ctx.saved_tensors
-        dq, dk, dv = sparse_attention_bwd(q, k, v, idx, o, lse, last_dim_contiguous(do), ctx.block_size)
-        return dq, dk, dv, None, None
+        dq, dk, dv = sparse_attention_bwd(
+            q, k, v, idx, o, lse, last_dim_contiguous(do), ctx.block_size, ctx.deterministic
+        )
+        return dq, dk, dv, None, None, None
 
 
 def sparse_attention(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, idx: torch.Tensor, block_size: int
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, idx: torch.Tensor, block_size: int,
+    deterministic: bool = False,
 ) -> torch.Tensor:
     """Softmax attention of each query over the keys of its selected blocks, causal.
 
@@ -471,6 +566,9 @@ def sparse_attention(
         idx: ``[B, T, HKV, K]`` int32/int64 block indices (from ``select_blocks``; -1 = unused slot;
             distinct blocks per row; blocks past the token are fully masked).
         block_size: tokens per key block (any int >= 1).
+        deterministic: fix every summation order (stable inverse index, dK/dV without atomics,
+            pinned kernel configs): the same inputs give bitwise-identical outputs and gradients on
+            the same GPU and software; costs some backward time and ``[items, block, D]`` fp32 partials.
 
     Returns:
         o ``[B, T, HQ, D]`` in q's dtype, differentiable w.r.t. q, k and v (fp32 accumulation).
@@ -491,10 +589,12 @@ def sparse_attention(
         raise ValueError(f"block_size={block_size!r}: must be a positive int")
     if d < 16 or d & (d - 1):
         raise ValueError(f"head_dim={d}: the Triton kernels need a power of two >= 16")
+    if not isinstance(deterministic, bool):
+        raise ValueError(f"deterministic={deterministic!r}: must be True or False")
     kernel_dtype_ok(q, k, v)
     check_device(q, k, v, idx)
     dtype = interpreter_upcast(q.dtype)
     if dtype != q.dtype:
-        return sparse_attention(q.to(dtype), k.to(dtype), v.to(dtype), idx, block_size).to(q.dtype)
+        return sparse_attention(q.to(dtype), k.to(dtype), v.to(dtype), idx, block_size, deterministic).to(q.dtype)
     q, k, v = (last_dim_contiguous(x) for x in (q, k, v))
-    return SparseAttentionFunction.apply(q, k, v, idx.contiguous(), block_size)
+    return SparseAttentionFunction.apply(q, k, v, idx.contiguous(), block_size, deterministic)

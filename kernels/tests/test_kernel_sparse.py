@@ -63,13 +63,13 @@ def test_ops_triton_backend_matches_torch_backend():
     assert rel_err(o, ops.sparse_attention(q, k, v, idx, 16, backend="torch")) < 1e-5
 
 
-@pytest.mark.parametrize("range_tokens", [0, 32])
-def test_inverse_index_lists_every_selecting_token_once_per_block(range_tokens):
+@pytest.mark.parametrize("range_tokens, stable", [(0, False), (32, False), (0, True), (32, True)])
+def test_inverse_index_lists_every_selecting_token_once_per_block(range_tokens, stable):
     case = Case(2, 90, 4, 2, 16, 16, 4, torch.float32)
     q, k, _ = case.inputs(seed=8)
     idx = reference.select_blocks(q, k, 16, 4)
-    tok, ibin, istart, iend, n_items, n_ranges = ssa_kernels.build_inverse_index(
-        idx, 90, 16, chunk=5, range_tokens=range_tokens
+    tok, ibin, istart, iend, n_items, n_ranges, *_ = ssa_kernels.build_inverse_index(
+        idx, 90, 16, chunk=5, range_tokens=range_tokens, stable=stable
     )
     nb = -(-90 // 16)
     assert n_ranges == (1 if range_tokens == 0 else 3)

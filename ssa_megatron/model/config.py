@@ -25,6 +25,7 @@ class SSAConfig:
     top_k: int = 16  # selected blocks per token and KV head, own block included
     alpha: float = 10.0  # weight of the layer-mean alignment loss
     backend: str = "auto"  # ops backend: auto (Triton on CUDA) | torch | triton
+    deterministic: bool = False  # bitwise-reproducible sparse attention: fixed summation orders, no atomics (docs/kernels.md)
 
     def __post_init__(self):
         require(self.training_mode in TRAINING_MODES, f"ssa.training_mode={self.training_mode!r}: must be one of {TRAINING_MODES}")
@@ -33,3 +34,4 @@ class SSAConfig:
         require(isinstance(self.top_k, int) and self.top_k >= 1, f"ssa.top_k={self.top_k!r}: must be >= 1 (the own block counts)")
         require(self.alpha >= 0, f"ssa.alpha={self.alpha}: must be >= 0")
         require(self.backend in ("auto", "torch", "triton"), f"ssa.backend={self.backend!r}: must be auto, torch or triton")
+        require(isinstance(self.deterministic, bool), f"ssa.deterministic={self.deterministic!r}: must be true or false")

@@ -117,5 +117,7 @@ class SSACoreAttention(MegatronModule):
 
     def _sparse(self, q, k, v, gate):
         idx = ops.select_blocks(q, k, self.ssa.block_size, self.ssa.top_k, backend=self.ssa.backend)
-        o = ops.sparse_attention(q, k, v, idx, self.ssa.block_size, backend=self.ssa.backend)
+        o = ops.sparse_attention(
+            q, k, v, idx, self.ssa.block_size, backend=self.ssa.backend, deterministic=self.ssa.deterministic
+        )
         return o if gate is None else o * gate.to(o.dtype)

@@ -33,6 +33,8 @@ def select_blocks(q: torch.Tensor, k: torch.Tensor, block_size: int, top_k: int,
     Slot 0 is the token's own block, then the most important earlier blocks (importance:
     per-head softmax of q against mean-pooled block keys, normalised over blocks complete at the
     token, summed over the GQA group, in float32); -1 fills slots with no earlier block left.
+    Deterministic on every backend (no atomics; the Triton autotune candidates differ only in
+    pipelining, not in arithmetic), so it needs no ``deterministic`` switch.
     """
     check_qkv(q, k)
     check_block_args(block_size, top_k)
@@ -44,21 +46,42 @@ def select_blocks(q: torch.Tensor, k: torch.Tensor, block_size: int, top_k: int,
 
 
 def sparse_attention(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, idx: torch.Tensor, block_size: int, backend: str = "auto"
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    idx: torch.Tensor,
+    block_size: int,
+    backend: str = "auto",
+    *,
+    deterministic: bool = False,
 ) -> torch.Tensor:
-    """Attention over the selected blocks only, causal inside the own block -> ``[b, s, hq, d]``."""
+    """Attention over the selected blocks only, causal inside the own block -> ``[b, s, hq, d]``.
+
+    ``deterministic=True`` (``ssa.deterministic``): the Triton kernels fix every summation order (a
+    stable inverse index, dK/dV summed without atomics in a fixed order, pinned autotune configs),
+    so the same inputs give bitwise-identical output and gradients on the same GPU and software
+    (``docs/kernels.md``, "Deterministic mode"). The default backward adds dK/dV with atomics: equal
+    to rounding, not bitwise. The torch backend is deterministic either way on CUDA: its only
+    scatter, the backward of the key/value gather, is torch's sort-based ``index_put_(accumulate=
+    True)``; on CPU torch makes that op deterministic only under ``torch.use_deterministic_algorithms``.
+    """
     check_qkv(q, k, v)
     check_block_args(block_size)
     check_idx(idx, q, k)
+    if not isinstance(deterministic, bool):
+        raise ValueError(f"deterministic={deterministic!r}: must be True or False")
     if resolve_backend(backend, q.device, q.dtype) == "triton":
         import ssa_kernels
 
-        return ssa_kernels.sparse_attention(q, k, v, idx, block_size)
+        return ssa_kernels.sparse_attention(q, k, v, idx, block_size, deterministic=deterministic)
     return reference.sparse_attention(q, k, v, idx, block_size)
 
 
 def alignment_loss(o_full: torch.Tensor, o_sparse: torch.Tensor, backend: str = "auto") -> torch.Tensor:
-    """``SmoothL1(o_full, sg(o_sparse)) + SmoothL1(sg(o_full), o_sparse)``, beta 1, mean, float32 scalar."""
+    """``SmoothL1(o_full, sg(o_sparse)) + SmoothL1(sg(o_full), o_sparse)``, beta 1, mean, float32 scalar.
+
+    Deterministic on every backend (the kernel's per-program partial sums are reduced by ``torch.sum``).
+    """
     check_pair(o_full, o_sparse)
     if resolve_backend(backend, o_full.device, o_full.dtype) == "triton":
         import ssa_kernels

@@ -14,8 +14,8 @@ from ssa_megatron.model.core_attention import SSACoreAttention
 from ssa_megatron.model.step_state import SSAStepState
 
 
-def make_attention(training_mode="ssa", attention_mode="full", layer_number=2):
-    cfg = tiny_config(ssa={"training_mode": training_mode, "attention_mode": attention_mode})
+def make_attention(training_mode="ssa", attention_mode="full", layer_number=2, **ssa):
+    cfg = tiny_config(ssa={"training_mode": training_mode, "attention_mode": attention_mode, **ssa})
     state = SSAStepState(cfg.ssa, cfg.model.num_layers)
     module = SSACoreAttention(
         transformer_config(cfg), layer_number, AttnMaskType.causal, "self", ssa=cfg.ssa, step_state=state
@@ -111,6 +111,28 @@ def test_sparse_training_never_computes_full_stream(monkeypatch):
         out = attention(q, k, v, None)
     out.sum().backward()
     assert k.grad is not None
+
+
+@pytest.mark.parametrize("deterministic", [False, True])
+def test_ssa_deterministic_reaches_the_sparse_op(monkeypatch, deterministic):
+    attention, state, cfg = make_attention("ssa", deterministic=deterministic)
+    assert cfg.ssa.deterministic is deterministic
+    attention.train()
+    state.begin_step(num_microbatches=1)
+    state.mode = "sparse"
+    seen = []
+    real = ops.sparse_attention
+
+    def spy(*args, **kwargs):
+        seen.append(kwargs.get("deterministic"))
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(core_attention_module.ops, "sparse_attention", spy)
+    q, k, v, gate = random_qkv(seed=4)
+    with attention.gated_by(gate):
+        out = attention(q, k, v, None)
+    out.sum().backward()
+    assert seen == [deterministic]
 
 
 def test_alignment_gradient_is_injected_with_the_step_scale():

@@ -456,3 +456,24 @@ def test_alignment_loss_bf16_inputs_return_a_float32_scalar():
     g_full, g_sparse = torch.autograd.grad(loss, (o_full, o_sparse))
     assert g_full.dtype == torch.bfloat16 and g_sparse.dtype == torch.bfloat16
     assert g_full.abs().sum() > 0
+
+
+def test_sparse_attention_torch_backend_takes_deterministic_and_repeats_bit_for_bit():
+    """The torch path is deterministic already: the flag changes nothing, two backwards give the same bits
+    (under torch's deterministic mode, which on CPU is what makes the gather's backward deterministic;
+    the CUDA check at a real size is kernels/tests/test_kernel_deterministic.py)."""
+    q, k, v = (t.requires_grad_() for t in _qkv(11, 2, 40, 4, 2, 8))
+    idx = ops.select_blocks(q.detach(), k.detach(), 8, 3, backend="torch")
+    do = torch.randn(2, 40, 4, 8, generator=torch.Generator().manual_seed(12))
+    previous = torch.are_deterministic_algorithms_enabled()
+    torch.use_deterministic_algorithms(True)
+    try:
+        runs = []
+        for deterministic in (False, True, True):
+            o = ops.sparse_attention(q, k, v, idx, 8, backend="torch", deterministic=deterministic)
+            runs.append((o, *torch.autograd.grad(o, (q, k, v), do)))
+    finally:
+        torch.use_deterministic_algorithms(previous)
+    for run in runs[1:]:
+        for x, ref in zip(run, runs[0]):
+            assert torch.equal(x, ref)

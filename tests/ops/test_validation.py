@@ -110,6 +110,11 @@ CASES = [
         r"idx is on meta but q is on cpu",
         id="idx-device",
     ),
+    pytest.param(
+        lambda: ops.sparse_attention(_q(), _kv(), _kv(), _idx(), BS, deterministic="yes"),
+        r"deterministic='yes': must be True or False",
+        id="sparse-deterministic-str",
+    ),
     # ---- backend
     pytest.param(lambda: ops.full_attention(_q(), _kv(), _kv(), backend="nope"), r"backend='nope'", id="full-nope"),
     pytest.param(lambda: ops.select_blocks(_q(), _kv(), BS, 2, backend="nope"), r"backend='nope'", id="select-nope"),

@@ -110,7 +110,7 @@ def perplexity(
                 part, n = window_nll(model.model, ids, batch, setting)
                 nll, count = nll + part, count + n
                 bar.update(1)
-                bar.set_postfix(setting=setting.label, ppl=f"{math.exp(nll / max(count, 1)):.3f}")
+                bar.set_postfix(setting=setting.label, ppl=f"{math.exp(nll / max(count, 1)):.3f}", refresh=False)
         seconds = time.perf_counter() - start
         results.append({
             **setting.as_dict(),

@@ -84,20 +84,21 @@ def measure(case: str, cfg, steps: int, warmup: int, profile_steps: int) -> dict
             losses.append(record.lm_loss)
         peak = (torch.cuda.max_memory_allocated() - baseline) / 2**30
         step_s = statistics.median(times[warmup:])
-        tokens = cfg.train.global_batch_size * cfg.model.seq_length
-        tflops = metrics.flops_per_token(trainer.cfg, trainer.cfg.model.vocab_size) * tokens / step_s / 1e12
-        one_stream = dataclasses.replace(trainer.cfg, ssa=dataclasses.replace(trainer.cfg.ssa, training_mode="full"))
-        one_stream_tflops = metrics.flops_per_token(one_stream, trainer.cfg.model.vocab_size) * tokens / step_s / 1e12
+        tokens, world = cfg.train.global_batch_size * cfg.model.seq_length, trainer.ctx.world_size
+        per_gpu_tflops = lambda c: metrics.flops_per_token(c, c.model.vocab_size) * tokens / step_s / world / 1e12
         peak_tflops = metrics.peak_bf16_tflops(trainer.ctx.device)
+        mfu = lambda t: 100 * t / peak_tflops if peak_tflops else None
+        # ssa computes both streams; the paper-style MFU counts one (the full stream's attention)
+        one_stream = trainer.cfg if cfg.ssa.training_mode != "ssa" else dataclasses.replace(
+            trainer.cfg, ssa=dataclasses.replace(trainer.cfg.ssa, training_mode="full"))
+        tflops = per_gpu_tflops(trainer.cfg)
         row = {
             "case": case, "mode": cfg.ssa.training_mode, "seq_length": cfg.model.seq_length,
             "vocab_size": trainer.cfg.model.vocab_size, "fused_kernels": cfg.model.fused_kernels,
             "recompute": cfg.train.recompute_granularity is not None,
-            "step_ms": step_s * 1e3, "tokens_per_s_per_gpu": tokens / step_s,
-            "model_tflops_per_gpu": tflops, "mfu_percent": 100 * tflops / peak_tflops if peak_tflops else None,
-            # ssa computes both streams; the paper-style MFU counts one (the full stream's attention)
-            "mfu_one_stream_percent": 100 * (tflops if cfg.ssa.training_mode != "ssa" else one_stream_tflops) / peak_tflops
-            if peak_tflops else None,
+            "step_ms": step_s * 1e3, "tokens_per_s_per_gpu": tokens / step_s / world,
+            "model_tflops_per_gpu": tflops, "mfu_percent": mfu(tflops),
+            "mfu_one_stream_percent": mfu(per_gpu_tflops(one_stream)),
             "peak_memory_gib": peak, "lm_loss_first_last": [losses[0], losses[-1]],
         }
         if profile_steps:

@@ -233,17 +233,7 @@ def time_ours(b: int, s: int, block_size: int, top_k: int, breakdown: bool, dete
                 r["bwd_dkdv_det_ms"] = bench_ms(
                     lambda: sparse_mod.sparse_attention_bwd_dkdv(qd, kd, v.detach(), do, lse, delta, inv, block_size)
                 )
-            # the same two passes with a trivial top-k (top_k=2: one carried key): the scoring floor
-            sel2 = lambda: ssa_kernels.select_blocks(qd, kd, block_size, 2)
-            sel2()
-            r["select_topk2_ms"] = bench_ms(sel2)
-            if select_mod.SPLIT_SCORES:
-                select_mod.SPLIT_SCORES = False
-                try:
-                    sel()
-                    r["select_single_dot_ms"] = bench_ms(sel)
-                finally:
-                    select_mod.SPLIT_SCORES = True
+            r.update(select_floors(qd, kd, block_size, sel))
     log(f"  ours bs{block_size:3d} k{top_k:3d} b{b} s{s}: select {r['select_ms']:.3f}  fwd {r['fwd_ms']:.3f} "
         f"({r['fwd_tflops']:.0f} TF/s)  fwd+bwd {r['fwd_bwd_ms']:.3f} ({r['fwd_bwd_tflops']:.0f} TF/s)  "
         f"peak {r['fwd_bwd_peak_mib']:.0f} MiB"
@@ -497,6 +487,22 @@ def _first_candidates(fn):
         select_mod.select_blocks_kernel, select_mod.CANDIDATES[:1], fn))
 
 
+def select_floors(q, k, block_size: int, sel) -> dict:
+    """What selection costs without its top-k (the same two passes at top_k=2: one carried key) and
+    with one bf16 score dot instead of the float32-grade hi + lo pair (``sel`` re-run that way)."""
+    sel2 = lambda: ssa_kernels.select_blocks(q, k, block_size, 2)
+    sel2()
+    r = {"select_topk2_ms": bench_ms(sel2)}
+    if select_mod.SPLIT_SCORES:
+        select_mod.SPLIT_SCORES = False
+        try:
+            sel()
+            r["select_single_dot_ms"] = bench_ms(sel)
+        finally:
+            select_mod.SPLIT_SCORES = True
+    return r
+
+
 def time_select(b: int, s: int, block_size: int, top_k: int, detail: bool) -> dict:
     """select_blocks at one shape: autotuned time and picks; with ``detail`` every candidate of both kernels."""
     q, k, _ = make_qkv(b, s, seed=2)
@@ -510,15 +516,7 @@ def time_select(b: int, s: int, block_size: int, top_k: int, detail: bool) -> di
         for name, kern in (("lse", select_mod.lse_kernel), ("select", select_mod.select_blocks_kernel)):
             r[f"{name}_candidates_ms"] = {
                 _cfg_name(cfg): _with_configs(kern, [cfg], lambda: (sel(), bench_ms(sel))[1]) for cfg in kern.configs}
-        sel2 = lambda: ssa_kernels.select_blocks(q, k, block_size, 2)
-        sel2()
-        r["select_topk2_ms"] = bench_ms(sel2)
-        select_mod.SPLIT_SCORES = False
-        try:
-            sel()
-            r["select_single_dot_ms"] = bench_ms(sel)
-        finally:
-            select_mod.SPLIT_SCORES = True
+        r.update(select_floors(q, k, block_size, sel))
     log(f"  select bs{block_size:3d} k{top_k:3d} b{b} s{s}: {r['select_ms']:.3f} ms (lse {r['lse_config']}; "
         f"select {r['select_config']}), pool {r['pool_ms']:.3f}" + "".join(
             f"\n    {n}: {c}: {ms:.3f}" for n in ("lse", "select") for c, ms in r.get(f"{n}_candidates_ms", {}).items()))

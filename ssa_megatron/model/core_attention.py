@@ -2,7 +2,8 @@
 
 Notation (Megatron's): sq/sk query/key length, b batch, np/ng query heads / KV groups on this
 tensor-parallel rank, hn head dim. In: query ``[sq, b, np, hn]``, key/value ``[sk, b, ng, hn]``
-(RoPE applied, or applied here when the gated attention hands over its angles); out: ``[sq, b, np * hn]`` for the row-parallel output projection.
+(RoPE applied, or applied here when the gated attention hands over its angles); out:
+``[sq, b, np * hn]`` for the row-parallel output projection.
 
 Per forward (one micro-batch, see ``step_state.py``):
 - ``training_mode=ssa`` in training: both streams, gated, their alignment loss recorded and

@@ -27,6 +27,7 @@ PARTS = {
     "MLP": (".mlp",),
     "norms": ("input_layernorm", "pre_mlp_layernorm", "final_layernorm"),
 }
+OUTPUT_PART = "output layer + loss"  # the decoder's end to the model's end: no module of its own
 INNER = {"attention projections + RoPE + gate": "core attention"}  # outer part -> part inside it
 
 
@@ -53,9 +54,10 @@ class StepProfile:
     def __init__(self, model_chunks: list[torch.nn.Module], device: torch.device):
         self.clock = _Clock(device)
         self._spans: list[tuple[str, str, object, object]] = []  # (part, fwd|bwd, start mark, end mark)
-        self._open: dict[tuple[int, str], list] = collections.defaultdict(list)
+        self._open: dict[tuple[int, str, str], list] = collections.defaultdict(list)  # (owner, part, phase) -> marks
         self._handles = []
         self.active = False
+        self.steps = 0
         for chunk in model_chunks:
             top = chunk
             while hasattr(top, "module"):  # DDP / Float16Module wrappers
@@ -66,20 +68,19 @@ class StepProfile:
                     self._hook(module, part)
                 elif name == "decoder" and top.post_process:
                     # forward: the decoder's end opens "output layer + loss"; backward: it closes it
-                    self._handles.append(module.register_forward_hook(self._on(("out", "fwd"), open_=True)))
-                    self._handles.append(module.register_full_backward_pre_hook(self._on(("out", "bwd"), open_=False)))
-            if top.post_process:
-                self._handles.append(top.register_forward_hook(self._on(("out", "fwd"), open_=False)))
-                self._handles.append(top.register_full_backward_pre_hook(self._on(("out", "bwd"), open_=True)))
-        self.steps = 0
+                    out = (id(top), OUTPUT_PART)
+                    self._handles.append(module.register_forward_hook(self._on((*out, "fwd"), open_=True)))
+                    self._handles.append(module.register_full_backward_pre_hook(self._on((*out, "bwd"), open_=False)))
+                    self._handles.append(top.register_forward_hook(self._on((*out, "fwd"), open_=False)))
+                    self._handles.append(top.register_full_backward_pre_hook(self._on((*out, "bwd"), open_=True)))
 
     def _hook(self, module, part: str) -> None:
         k = (id(module), part)
         self._handles += [
-            module.register_forward_pre_hook(self._on((k, "fwd"), open_=True)),
-            module.register_forward_hook(self._on((k, "fwd"), open_=False)),
-            module.register_full_backward_pre_hook(self._on((k, "bwd"), open_=True)),
-            module.register_full_backward_hook(self._on((k, "bwd"), open_=False)),
+            module.register_forward_pre_hook(self._on((*k, "fwd"), open_=True)),
+            module.register_forward_hook(self._on((*k, "fwd"), open_=False)),
+            module.register_full_backward_pre_hook(self._on((*k, "bwd"), open_=True)),
+            module.register_full_backward_hook(self._on((*k, "bwd"), open_=False)),
         ]
 
     def _on(self, key, *, open_: bool):
@@ -90,8 +91,7 @@ class StepProfile:
             if open_:
                 self._open[key].append(mark)
             elif self._open[key]:
-                (ident, phase) = key
-                part = "output layer + loss" if ident == "out" else ident[1]
+                _, part, phase = key
                 self._spans.append((part, phase, self._open[key].pop(), mark))
             return None
 

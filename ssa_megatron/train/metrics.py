@@ -76,8 +76,16 @@ def optimizer_grads(optimizer, copy: bool = False) -> list[torch.Tensor]:
     there is no grad scaler, so ``prepare_grads`` only copies and may run again in ``optimizer.step``.
     """
     optimizer.prepare_grads()
-    grads = [g for o in getattr(optimizer, "chained_optimizers", [optimizer]) for g in o.get_main_grads_for_grad_norm()]
+    grads = [g for o in getattr(optimizer, "chained_optimizers", [optimizer]) for g in _grads_for_norm(o)]
     return [g.clone() for g in grads] if copy else grads
+
+
+def _grads_for_norm(optimizer) -> list[torch.Tensor]:
+    """The optimizer's own filter for grad-norm gradients; megatron-core renamed it in 0.17
+    (``get_main_grads_for_grad_norm`` -> ``get_grads_for_grad_norm``)."""
+    if hasattr(optimizer, "get_grads_for_grad_norm"):
+        return optimizer.get_grads_for_grad_norm()
+    return optimizer.get_main_grads_for_grad_norm()
 
 
 def split_gradient(optimizer, alignment_grads: list[torch.Tensor], alpha: float) -> AlignmentGradient:

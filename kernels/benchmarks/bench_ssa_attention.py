@@ -3,7 +3,20 @@
 Shape: the paper's 1B layer (32 query heads, 2 KV heads, head_dim 64, bf16), batch = max(1, 16k / seq)
 (2 x 8k, 1 x 32k, 1 x 128k), block_size 16 and 64, receptive field 256 and 1024 tokens.
 
-    PYTHONPATH=.:kernels python kernels/benchmarks/bench_ssa_attention.py --out docs/benchmarks
+    PYTHONPATH=.:kernels python kernels/benchmarks/bench_ssa_attention.py --out docs/benchmarks \
+        --before docs/benchmarks/kernels.json
+    # issue 10's table in one run (estimated 4-5 min on an H100/H200; --budget-s bounds it):
+    python kernels/benchmarks/bench_ssa_attention.py --sections check,time,prefill,layer --deterministic \
+        --budget-s 300 --out OUT
+    # re-render the markdown on any machine (no GPU) from the JSONs of two runs:
+    git show HEAD:docs/benchmarks/kernels.json > /tmp/kernels_before.json
+    python kernels/benchmarks/bench_ssa_attention.py --report-only --results OUT/kernels.json \
+        --before /tmp/kernels_before.json --out docs/benchmarks
+
+Measuring and reporting are split: this script measures and writes ``kernels.json`` (saved after
+every item, so a crash keeps what ran); ``report_ssa_attention.py`` renders ``kernels.md`` from it,
+with a "before" column from ``--before`` (an earlier run's JSON, read at the start) beside each
+timed table's headline figures.
 
 Sections (each guarded: a failure is recorded in the JSON and the run goes on):
   check   bf16 kernels vs the torch oracle in float32 on the same inputs, at 8k and 32k; the CUDA
@@ -15,6 +28,12 @@ Sections (each guarded: a failure is recorded in the JSON and the run goes on):
           memory of each, useful TFLOP/s.
   layer   one SSA training layer's attention at 8k (full SDPA + selection + sparse + alignment loss,
           fwd+bwd) vs dense SDPA fwd+bwd alone.
+  prefill forward only, batch 1 at --prefill-seqs (32k, 128k), block 16 / top-16 and 64 / top-16:
+          select_blocks + sparse_attention through ``ssa_megatron.ops`` (backend triton) under
+          ``torch.no_grad``, timed together and apart, vs dense causal SDPA forward
+          (``ops.full_attention``, every backend that takes the GQA problem, the fastest kept);
+          speedup = dense / (select + sparse). Issue 10's target: >= 10x at 128k, block 16 / top-16.
+          With ``check``: the same path at 1 x 8k vs the float32 oracle's selection + attention.
   select  select_blocks alone: every (block, top-k) config at every --seqs length, each autotune
           candidate of the paper's block 16 / top-16 timed on its own, the pooling kernel, and the
           exact-set check against the oracle at 8k and 32k (plus head_dim 128 and 8 heads per group).
@@ -33,7 +52,6 @@ from __future__ import annotations
 import argparse
 import datetime
 import json
-import math
 import os
 import platform
 import sys
@@ -44,20 +62,26 @@ import torch
 import torch.nn.functional as F
 import triton
 
-ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-sys.path[:0] = [ROOT, os.path.join(ROOT, "kernels")]
+HERE = os.path.dirname(os.path.abspath(__file__))
+ROOT = os.path.dirname(os.path.dirname(HERE))
+sys.path[:0] = [ROOT, os.path.join(ROOT, "kernels"), HERE]
 
+import report_ssa_attention as report  # noqa: E402
 import ssa_kernels  # noqa: E402
 from ssa_kernels import select as select_mod  # noqa: E402
 from ssa_kernels import sparse as sparse_mod  # noqa: E402
+from ssa_megatron import ops  # noqa: E402
 from ssa_megatron.ops import reference  # noqa: E402
 
 HQ, HKV, D = 32, 2, 64
 G = HQ // HKV
 TOKENS = 16384
 CONFIGS = [(16, 16), (16, 64), (64, 4), (64, 16)]  # (block_size, top_k): receptive field 256 / 1024
+PREFILL_CONFIGS = [(16, 16), (64, 16)]  # the paper's block 16 / top-16 (issue 10's target), and block 64 / top-16
 DTYPE = torch.bfloat16
-DEV = "cuda"
+# The benchmark is for CUDA; on CPU (tests: tiny sizes, kernels under TRITON_INTERPRET=1) a timing is
+# one wall-clock call, peak memory is not measured and nothing is NaN-poisoned.
+DEV = "cuda" if torch.cuda.is_available() else "cpu"
 
 
 def log(*a):
@@ -80,6 +104,8 @@ def make_qkv(b: int, s: int, seed: int = 0, requires_grad: bool = False):
 
 def poison():
     """Fill the caching allocator's free memory with NaN: outputs allocated next start as NaN."""
+    if DEV != "cuda":
+        return
     torch.cuda.synchronize()
     free, _ = torch.cuda.mem_get_info()
     n = int(min(free * 0.6, 24e9)) // 4
@@ -94,11 +120,17 @@ def rel_err(x: torch.Tensor, ref: torch.Tensor) -> float:
 
 
 def bench_ms(fn, grad_to_none=None) -> float:
+    if DEV != "cuda":  # CPU (tests, kernels interpreted: the figure means nothing): one wall-clock call
+        t0 = time.perf_counter()
+        fn()
+        return (time.perf_counter() - t0) * 1e3
     return triton.testing.do_bench(fn, warmup=25, rep=100, grad_to_none=grad_to_none, return_mode="median")
 
 
-def peak_mib(fn) -> float:
-    """Peak memory allocated during fn beyond what was allocated before it, MiB."""
+def peak_mib(fn) -> float | None:
+    """Peak memory allocated during fn beyond what was allocated before it, MiB (None off CUDA)."""
+    if DEV != "cuda":
+        return None
     torch.cuda.synchronize()
     torch.cuda.reset_peak_memory_stats()
     base = torch.cuda.memory_allocated()
@@ -137,6 +169,8 @@ def tflops(flops: float, ms: float) -> float:
 def sdpa_backends():
     from torch.nn.attention import SDPBackend
 
+    if DEV != "cuda":
+        return {"math": SDPBackend.MATH}
     return {
         "cudnn": SDPBackend.CUDNN_ATTENTION,
         "flash": SDPBackend.FLASH_ATTENTION,
@@ -389,6 +423,83 @@ def profile_layer(b: int, s: int, block_size: int, top_k: int, backend) -> dict:
     return {"kernels": dict(sorted(rows.items(), key=lambda kv: -kv[1]["cuda_us_per_iter"])[:40])}
 
 
+# ----------------------------------------------------------------------------- sparse prefill
+
+
+def prefill_fn(q, k, v, block_size: int, top_k: int):
+    """The inference path of one sparse layer: selection, then attention over the selected blocks."""
+    idx = ops.select_blocks(q, k, block_size, top_k, backend="triton")
+    return ops.sparse_attention(q, k, v, idx, block_size, backend="triton")
+
+
+@torch.no_grad()
+def time_prefill_dense(b: int, s: int) -> dict:
+    """Dense causal SDPA forward (``ops.full_attention``, ``[b, s, h, d]``) under each backend; the fastest."""
+    from torch.nn.attention import sdpa_kernel
+
+    q, k, v = make_qkv(b, s, seed=6)
+    out = {"backends": {}}
+    for name, backend in sdpa_backends().items():
+        try:
+            with sdpa_kernel([backend]):
+                fwd = lambda: ops.full_attention(q, k, v, backend="triton")
+                out["backends"][name] = {"fwd_ms": bench_ms(fwd), "fwd_peak_mib": peak_mib(fwd)}
+            log(f"  prefill dense {name:9s} b{b} s{s}: fwd {out['backends'][name]['fwd_ms']:.3f} ms")
+        except Exception as e:  # a backend that refuses the GQA problem
+            out["backends"][name] = {"error": f"{type(e).__name__}: {str(e)[:200]}"}
+    ok = {n: r for n, r in out["backends"].items() if "fwd_ms" in r}
+    if ok:
+        out["best"] = min(ok, key=lambda n: ok[n]["fwd_ms"])
+        out.update(ok[out["best"]])
+    return out
+
+
+@torch.no_grad()
+def time_prefill(b: int, s: int, block_size: int, top_k: int, dense_fwd_ms: float | None) -> dict:
+    """select_blocks + sparse_attention forward, together and apart; speedup over ``dense_fwd_ms``."""
+    q, k, v = make_qkv(b, s, seed=6)
+    idx = ops.select_blocks(q, k, block_size, top_k, backend="triton")
+    prefill = lambda: prefill_fn(q, k, v, block_size, top_k)
+    # do_bench's first, untimed call compiles and autotunes
+    r = {"select_ms": bench_ms(lambda: ops.select_blocks(q, k, block_size, top_k, backend="triton")),
+         "sparse_fwd_ms": bench_ms(lambda: ops.sparse_attention(q, k, v, idx, block_size, backend="triton")),
+         "prefill_ms": bench_ms(prefill), "prefill_peak_mib": peak_mib(prefill)}
+    if dense_fwd_ms:
+        r["speedup"] = dense_fwd_ms / r["prefill_ms"]
+        r["sparse_only_speedup"] = dense_fwd_ms / r["sparse_fwd_ms"]
+    log(f"  prefill bs{block_size:3d} k{top_k:3d} b{b} s{s}: select {r['select_ms']:.3f} + sparse fwd "
+        f"{r['sparse_fwd_ms']:.3f} -> together {r['prefill_ms']:.3f} ms"
+        + (f" vs dense fwd {dense_fwd_ms:.3f} ms: {r['speedup']:.1f}x (sparse fwd alone {r['sparse_only_speedup']:.1f}x)"
+           if dense_fwd_ms else ""))
+    return r
+
+
+def check_prefill(b: int, s: int, block_size: int, top_k: int) -> dict:
+    """The prefill path (bf16, no_grad, selection included) vs the float32 oracle's selection + attention.
+
+    Also: its output equals the training forward's (autograd on, same idx) bit for bit.
+    """
+    q, k, v = make_qkv(b, s, seed=5)
+    with torch.no_grad():
+        poison()
+        idx = ops.select_blocks(q, k, block_size, top_k, backend="triton")
+        poison()
+        o = ops.sparse_attention(q, k, v, idx, block_size, backend="triton")
+        q32, k32, v32 = (t.float() for t in (q, k, v))
+        ref_idx = reference.select_blocks(q32, k32, block_size, top_k)
+        o_ref = reference.sparse_attention(q32, k32, v32, ref_idx, block_size)
+    o_train = ssa_kernels.sparse_attention(q.clone().requires_grad_(), k, v, idx, block_size)
+    same = (idx[..., 1:].sort(-1).values == ref_idx[..., 1:].sort(-1).values).all(-1)
+    r = {"same_set_frac": same.float().mean().item(), "o_finite": bool(torch.isfinite(o).all()),
+         "o_rel_err": rel_err(o, o_ref), "o_ref_bf16_rounding_rel_err": rel_err(o_ref.to(DTYPE), o_ref),
+         "same_as_training_forward": torch.equal(o_train.detach(), o)}
+    r["pass"] = bool(r["o_finite"] and r["same_set_frac"] > 0.99 and r["o_rel_err"] < 2e-2 and r["same_as_training_forward"])
+    log(f"  check prefill bs{block_size} k{top_k} b{b} s{s}: pass={r['pass']} same-set {r['same_set_frac']:.5f} "
+        f"rel err o {r['o_rel_err']:.1e} (bf16 floor {r['o_ref_bf16_rounding_rel_err']:.1e}), "
+        f"= training forward: {r['same_as_training_forward']}")
+    return r
+
+
 # ----------------------------------------------------------------------------- correctness
 
 
@@ -554,147 +665,6 @@ def check_select(b: int, s: int, block_size: int, top_k: int, hq: int = HQ, d: i
     return r
 
 
-# ----------------------------------------------------------------------------- report
-
-
-def markdown(res: dict) -> str:
-    env = res["env"]
-    lines = [
-        "# SSA kernel benchmark",
-        "",
-        f"{env['device']} | {env['date']} | torch {env['torch']} | triton {env['triton']} | CUDA {env['cuda']}",
-        "",
-        f"Layer: {HQ} query heads, {HKV} KV heads, head_dim {D}, bf16; batch = max(1, {TOKENS} // seq) "
-        "(2 x 8k, 1 x 32k, 1 x 128k). Times are medians (ms) of `triton.testing.do_bench`; TF/s counts useful "
-        "FLOPs only (fwd 4*d*heads*attended keys, bwd 2.5x fwd); peak = memory allocated above the inputs. "
-        "select_blocks carries no gradient: 'fwd+bwd' columns are sparse_attention alone.",
-        "",
-        "## Correctness (bf16 kernels vs float32 oracle on the same inputs; outputs NaN-poisoned)",
-        "",
-        "| config | pass | same top-k set | o | dq | dk | dv | bf16 floor (o) |",
-        "|---|---|---|---|---|---|---|---|",
-    ]
-    for key, r in res.get("check", {}).items():
-        if "error" in r:
-            lines.append(f"| {key} | ERROR: {r['error'][:80]} | | | | | | |")
-            continue
-        lines.append(
-            f"| {key} | {r['pass']} | {r['select_same_set_frac']:.5f} | {r['o_rel_err']:.1e} | {r['dq_rel_err']:.1e} "
-            f"| {r['dk_rel_err']:.1e} | {r['dv_rel_err']:.1e} | {r['o_ref_bf16_rounding_rel_err']:.1e} |"
-        )
-    lines += [
-        "",
-        "## Timings",
-        "",
-        "| seq x batch | method | block | top-k | select ms | fwd ms | fwd TF/s | fwd+bwd ms | fwd+bwd TF/s | "
-        "% of dense TF/s | select / sparse fwd+bwd | peak MiB |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|",
-    ]
-    for seq_key, entry in res.get("time", {}).items():
-        dense = entry.get("dense", {})
-        if "fwd_bwd_ms" in dense:
-            lines.append(
-                f"| {seq_key} | dense SDPA ({dense['best']}) | - | - | - | {dense['fwd_ms']:.3f} | {dense['fwd_tflops']:.0f} "
-                f"| {dense['fwd_bwd_ms']:.3f} | {dense['fwd_bwd_tflops']:.0f} | 100 | - | {dense['fwd_bwd_peak_mib']:.0f} |"
-            )
-        elif dense:
-            lines.append(f"| {seq_key} | dense SDPA | - | - | - | {dense.get('error', 'n/a')} | | | | | | |")
-        d_tf = dense.get("fwd_bwd_tflops")
-        for cfg_key, r in entry.get("ours", {}).items():
-            bs, k = cfg_key.split("-")
-            if "error" in r:
-                lines.append(f"| {seq_key} | ours | {bs} | {k} | ERROR {r['error'][:60]} | | | | | | | |")
-                continue
-            pct = f"{100 * r['fwd_bwd_tflops'] / d_tf:.0f}" if d_tf else "-"
-            lines.append(
-                f"| {seq_key} | ours | {bs} | {k} | {r['select_ms']:.3f} | {r['fwd_ms']:.3f} | {r['fwd_tflops']:.0f} | "
-                f"{r['fwd_bwd_ms']:.3f} | {r['fwd_bwd_tflops']:.0f} | {pct} | {100 * r['select_ms'] / r['fwd_bwd_ms']:.0f}% | "
-                f"{r['fwd_bwd_peak_mib']:.0f} |"
-            )
-        for cfg_key, r in entry.get("flex", {}).items():
-            bs, k = cfg_key.split("-")
-            if "fwd_bwd_ms" not in r:
-                lines.append(f"| {seq_key} | FlexAttention | {bs} | {k} | {r.get('error', r.get('skipped', ''))[:90]} | | | | | | | |")
-                continue
-            pct = f"{100 * r['fwd_bwd_tflops'] / d_tf:.0f}" if d_tf else "-"
-            lines.append(
-                f"| {seq_key} | FlexAttention | {bs} | {k} | mask {r['mask_build_s']:.1f} s | {r['fwd_ms']:.3f} | "
-                f"{r['fwd_tflops']:.0f} | {r['fwd_bwd_ms']:.3f} | {r['fwd_bwd_tflops']:.0f} | {pct} | - | {r['fwd_bwd_peak_mib']:.0f} |"
-            )
-    bd = [(s, c, r) for s, e in res.get("time", {}).items() for c, r in e.get("ours", {}).items() if "bwd_dq_ms" in r]
-    if bd:
-        lines += ["", "### Breakdown of ours (ms)", "",
-                  "| seq x batch | block-top-k | select (2 dots) | select (1 dot) | select, top_k=2 | fwd | bwd dq | bwd inverse index | "
-                  "bwd dk/dv | dk/dv, 256-token items | dk/dv, 64-token items | dk/dv, 2k-token ranges |",
-                  "|---|---|---|---|---|---|---|---|---|---|---|---|"]
-        for s, c, r in bd:
-            lines.append(f"| {s} | {c} | {r['select_ms']:.3f} | {r.get('select_single_dot_ms', float('nan')):.3f} | "
-                         f"{r.get('select_topk2_ms', float('nan')):.3f} | {r['fwd_ms']:.3f} | {r['bwd_dq_ms']:.3f} | {r['bwd_index_ms']:.3f} | {r['bwd_dkdv_ms']:.3f} | "
-                         f"{r['bwd_dkdv_chunk256_ms']:.3f} | {r['bwd_dkdv_chunk64_ms']:.3f} | {r['bwd_dkdv_ranges2k_ms']:.3f} |")
-    det = [(s, c, r) for s, e in res.get("time", {}).items() for c, r in e.get("ours", {}).items() if "det_fwd_bwd_ms" in r]
-    if det:
-        nan = float("nan")
-        lines += ["", "### Deterministic mode (`deterministic=True`, `ssa.deterministic`) vs the default path", "",
-                  "| seq x batch | block-top-k | fwd ms | det fwd ms | fwd+bwd ms | det fwd+bwd ms | det / default | "
-                  "peak MiB default / det | same bits twice | index default / stable ms | dk/dv default / det + reduce ms |",
-                  "|---|---|---|---|---|---|---|---|---|---|---|"]
-        for s, c, r in det:
-            lines.append(f"| {s} | {c} | {r['fwd_ms']:.3f} | {r['det_fwd_ms']:.3f} | {r['fwd_bwd_ms']:.3f} | {r['det_fwd_bwd_ms']:.3f} | "
-                         f"{r['det_fwd_bwd_ms'] / r['fwd_bwd_ms']:.2f}x | {r['fwd_bwd_peak_mib']:.0f} / {r['det_fwd_bwd_peak_mib']:.0f} | "
-                         f"{r['det_bitwise_repeat']} | {r.get('bwd_index_ms', nan):.3f} / {r.get('bwd_index_stable_ms', nan):.3f} | "
-                         f"{r.get('bwd_dkdv_ms', nan):.3f} / {r.get('bwd_dkdv_det_ms', nan):.3f} |")
-    det_checks = [(key, r) for key, r in res.get("check", {}).items() if "det_bitwise_repeat" in r]
-    if det_checks:
-        lines += ["", "Deterministic mode, correctness (same inputs and oracle as above) and a bitwise repeat of fwd+bwd:", "",
-                  "| config | same bits twice | o | dq | dk | dv |", "|---|---|---|---|---|---|"]
-        for key, r in det_checks:
-            lines.append(f"| {key} | {r['det_bitwise_repeat']} | {r['det_o_rel_err']:.1e} | {r['det_dq_rel_err']:.1e} | "
-                         f"{r['det_dk_rel_err']:.1e} | {r['det_dv_rel_err']:.1e} |")
-    if res.get("select"):
-        lines += ["", "## select_blocks alone", "",
-                  "| seq x batch | block | top-k | select ms | pooling ms | peak MiB | autotune picks (lse; select) |",
-                  "|---|---|---|---|---|---|---|"]
-        for seq_key, entry in res["select"].get("time", {}).items():
-            for cfg_key, r in entry.items():
-                bs, k = cfg_key.split("-")
-                if "select_ms" not in r:
-                    lines.append(f"| {seq_key} | {bs} | {k} | {r.get('error', r.get('skipped', ''))[:80]} | | | |")
-                    continue
-                lines.append(f"| {seq_key} | {bs} | {k} | {r['select_ms']:.3f} | {r['pool_ms']:.3f} | {r['select_peak_mib']:.0f} "
-                             f"| {r['lse_config']}; {r['select_config']} |")
-        cands = [(sk, r) for sk, e in res["select"].get("time", {}).items() for c, r in e.items() if "select_candidates_ms" in r]
-        if cands:
-            lines += ["", "Block 16 / top-16: select_blocks with each autotune candidate of one kernel (the other autotuned), "
-                      "with top_k = 2, and with a single-dot score (ms):", "",
-                      "| seq x batch | kernel | candidate | ms |", "|---|---|---|---|"]
-            for sk, r in cands:
-                for name in ("lse", "select"):
-                    lines += [f"| {sk} | {name} | {c} | {ms:.3f} |" for c, ms in r[f"{name}_candidates_ms"].items()]
-                lines += [f"| {sk} | both | top_k = 2 | {r['select_topk2_ms']:.3f} |",
-                          f"| {sk} | both | single dot (bf16 k_cmp) | {r['select_single_dot_ms']:.3f} |"]
-        checks = res["select"].get("check", {})
-        if checks:
-            lines += ["", "Exact-set check (bf16 kernel vs float32 oracle, same inputs; outputs NaN-poisoned):", "",
-                      "| config | pass | same top-k set | max importance shortfall |", "|---|---|---|---|"]
-            for key, r in checks.items():
-                if "pass" not in r:
-                    lines.append(f"| {key} | ERROR {r.get('error', '')[:80]} | | |")
-                    continue
-                lines.append(f"| {key} | {r['pass']} | {r['same_set_frac']:.5f} | {r['max_rel_importance_shortfall']:.1e} |")
-    if res.get("layer"):
-        lines += ["", "## One SSA training layer's attention at 8k (fwd+bwd)", "",
-                  "| block | top-k | SSA layer ms | dense SDPA ms | ratio | align triton / torch ms | peak MiB |",
-                  "|---|---|---|---|---|---|---|"]
-        for key, r in res["layer"].items():
-            bs, k = key.split("-")
-            if "error" in r:
-                lines.append(f"| {bs} | {k} | ERROR {r['error'][:80]} | | | | |")
-                continue
-            lines.append(f"| {bs} | {k} | {r['ssa_layer_fwd_bwd_ms']:.3f} | {r['dense_fwd_bwd_ms']:.3f} | {r['ratio']:.3f} | "
-                         f"{r['align_triton_fwd_bwd_ms']:.3f} / {r['align_torch_fwd_bwd_ms']:.3f} | {r['ssa_layer_peak_mib']:.0f} |")
-    return "\n".join(lines) + "\n"
-
-
 def prewarm_worker(seqs: str, select_only: bool, deterministic: bool = False):
     """Compile this process's one autotune candidate (SSA_KERNELS_CONFIG) of every kernel the run uses.
 
@@ -760,31 +730,67 @@ def autotune_choices() -> dict:
     return out
 
 
-def main():
+SECTIONS = ("check", "time", "prefill", "select", "layer", "profile", "flex")
+
+
+def parse_args(argv=None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--out", default=os.path.join(ROOT, "docs", "benchmarks"))
+    ap.add_argument("--out", default=os.path.join(ROOT, "docs", "benchmarks"),
+                    help="folder of kernels.json (measured) and kernels.md (rendered)")
+    ap.add_argument("--before", default=os.path.join(ROOT, "docs", "benchmarks", "kernels.json"),
+                    help="an earlier run's kernels.json, read at the start: the report's 'before' columns "
+                         "(default: the committed one; 'none': no before columns)")
+    ap.add_argument("--report-only", action="store_true",
+                    help="measure nothing: render OUT/kernels.md from --results (and --before); no GPU needed")
+    ap.add_argument("--results", default=None, help="with --report-only: the run's JSON (default OUT/kernels.json)")
     ap.add_argument("--seqs", default="8192,32768,131072")
-    ap.add_argument("--sections", default="check,time,layer,profile,flex")
+    ap.add_argument("--prefill-seqs", default="32768,131072", help="sequence lengths of the prefill section (batch 1)")
+    ap.add_argument("--sections", default="check,time,prefill,layer,profile,flex", help=f"comma list of {', '.join(SECTIONS)}")
     ap.add_argument("--flex", default="8192:16-16,8192:64-16,32768:16-16", help="seq:bs-topk list for FlexAttention")
-    ap.add_argument("--budget-s", type=float, default=480, help="skip remaining timed sections past this wall time")
+    ap.add_argument("--budget-s", type=float, default=480, help="seconds from the start (prewarm included) after which the remaining items are skipped "
+                         "(recorded as skipped)")
     ap.add_argument("--prewarm", type=int, default=4, help="parallel compile processes (0: none)")
     ap.add_argument("--prewarm-worker", default=None, help=argparse.SUPPRESS)
     ap.add_argument("--select-only", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--deterministic", action="store_true",
                     help="also check and time the deterministic mode (check, time sections)")
-    args = ap.parse_args()
+    args = ap.parse_args(argv)
+    args.before = None if args.before.lower() == "none" else args.before
+    unknown = set(args.sections.split(",")) - set(SECTIONS)
+    if unknown:
+        ap.error(f"--sections {args.sections}: unknown {sorted(unknown)}; choose from {', '.join(SECTIONS)}")
+    return args
+
+
+def device_name() -> str:
+    if DEV == "cuda":
+        return torch.cuda.get_device_name()
+    return f"CPU ({platform.processor() or platform.machine()}{', triton interpreter' if ssa_kernels.INTERPRET else ''})"
+
+
+def main(argv=None):
+    args = parse_args(argv)
     if args.prewarm_worker:
         prewarm_worker(args.prewarm_worker, args.select_only, args.deterministic)
+        return
+    md_path, json_path = os.path.join(args.out, "kernels.md"), os.path.join(args.out, "kernels.json")
+    if args.report_only:
+        os.makedirs(args.out, exist_ok=True)
+        log(report.write_report(args.results or json_path, md_path, args.before))
         return
     t_start = time.time()
     os.makedirs(args.out, exist_ok=True)
     sections = set(args.sections.split(","))
     seqs = [int(x) for x in args.seqs.split(",")]
+    # read before this run overwrites it (--out may be the folder of the committed JSON)
+    before = report.load(args.before) if args.before and os.path.exists(args.before) else None
+    if args.before and before is None:
+        log(f"--before {args.before}: no such file, the report has no before columns")
     res = {"env": {
-        "device": torch.cuda.get_device_name(), "date": datetime.datetime.now().isoformat(timespec="seconds"),
+        "device": device_name(), "date": datetime.datetime.now().isoformat(timespec="seconds"),
         "torch": torch.__version__, "triton": triton.__version__, "cuda": torch.version.cuda,
         "python": platform.python_version(), "shape": {"hq": HQ, "hkv": HKV, "d": D, "dtype": str(DTYPE), "tokens": TOKENS},
-    }}
+    }, "args": {k: v for k, v in vars(args).items() if k not in ("prewarm_worker", "select_only", "report_only", "results")}}
     log(json.dumps(res["env"]))
     if args.prewarm:
         prewarm(args.prewarm, sections == {"select"}, args.deterministic)
@@ -792,13 +798,13 @@ def main():
     def save():
         res["autotune"] = autotune_choices()
         res["wall_s"] = time.time() - t_start
-        with open(os.path.join(args.out, "kernels.json"), "w") as f:
+        with open(json_path, "w") as f:
             json.dump(res, f, indent=1)
         try:
-            text = markdown(res)
+            text = report.markdown(res, before, args.before or "")
         except Exception:
             text = "markdown failed:\n" + traceback.format_exc()
-        with open(os.path.join(args.out, "kernels.md"), "w") as f:
+        with open(md_path, "w") as f:
             f.write(text)
 
     def guarded(store: dict, key: str, fn, *a):
@@ -811,7 +817,8 @@ def main():
         except Exception as e:
             store[key] = {"error": f"{type(e).__name__}: {str(e)[:500]}"}
             log(f"  {key}: ERROR {traceback.format_exc()[-2000:]}")
-        torch.cuda.empty_cache()
+        if DEV == "cuda":
+            torch.cuda.empty_cache()
         save()
 
     if "check" in sections:
@@ -822,6 +829,10 @@ def main():
                 if s == 32768 and bs * k > 256:
                     continue  # the float32 oracle's autograd graph would need ~64 GB at 32k x 1024 keys
                 guarded(res["check"], f"s{s}xb{batch_for(s)}-bs{bs}-k{k}", check, batch_for(s), s, bs, k, args.deterministic)
+        if "prefill" in sections:  # the prefill path, selection included, at a small size
+            res["prefill_check"] = {}
+            for bs, k in PREFILL_CONFIGS:
+                guarded(res["prefill_check"], f"s8192xb1-bs{bs}-k{k}", check_prefill, 1, 8192, bs, k)
     if "time" in sections:
         log("== time")
         res["time"] = {}
@@ -831,6 +842,17 @@ def main():
             guarded(entry, "dense", time_dense, b, s)
             for bs, k in CONFIGS:
                 guarded(entry["ours"], f"{bs}-{k}", time_ours, b, s, bs, k, s == 32768, args.deterministic)
+    if "prefill" in sections:
+        log("== prefill")
+        res["prefill"] = {}
+        for s in (int(x) for x in args.prefill_seqs.split(",")):
+            entry = res["prefill"].setdefault(f"{s}x1", {"ours": {}})
+            guarded(entry, "dense", time_prefill_dense, 1, s)
+            for bs, k in PREFILL_CONFIGS:
+                guarded(entry["ours"], f"{bs}-{k}", time_prefill, 1, s, bs, k, entry["dense"].get("fwd_ms"))
+        speedup, met = report.prefill_target(res)
+        log(f"  prefill target >= {report.PREFILL_TARGET['speedup']:.0f}x at {report.PREFILL_TARGET['seq_key']} "
+            f"block-top-k {report.PREFILL_TARGET['cfg']}: " + ("not measured" if met is None else f"{speedup:.1f}x, met: {met}"))
     if "select" in sections:
         log("== select")
         res["select"] = {"time": {}, "check": {}}
@@ -871,7 +893,7 @@ def main():
                     f"{bs}-{k}", {"skipped": "not run: FlexAttention compile + mask build cost more device time than "
                                              "this session had (see --flex)"})
     save()
-    with open(os.path.join(args.out, "kernels.md")) as f:
+    with open(md_path) as f:
         log(f.read())
 
 

@@ -398,6 +398,13 @@ def rerun(d: Document) -> list[str]:
             "the commands of the GPU runs.", ""]
 
 
+def report_command(args) -> str:
+    """The command that rebuilds this document from the same inputs (paths relative to the repo)."""
+    rel = lambda path: os.path.relpath(path, REPO)
+    notes = f" --notes {rel(args.notes)}" if args.notes else ""
+    return f"python experiments/reproduction/run.py report --data-dir {rel(args.data_dir)} --out {rel(args.out)}{notes}"
+
+
 def write(args, runs: list[Run]) -> Path:
     """Write ``args.doc`` and its figures from whatever the runs have produced so far."""
     from ssa_megatron.train.preflight import count_parameters
@@ -408,8 +415,7 @@ def write(args, runs: list[Run]) -> Path:
     d = Document(args, cfg, manifest, [RunResults(run, args.out, budget) for run in runs])
     params = count_parameters(cfg, manifest["tokenizer"]["vocab_size"])
     doc = ["# Reproducing the paper's orderings at small scale (issue 15)", "",
-           f"Written by `python experiments/reproduction/run.py report` on {date.today()} from "
-           f"`{os.path.relpath(args.out, REPO)}`. SSA, FullAttn and MoBA are the same model and recipe trained with "
+           f"Written by `{report_command(args)}` on {date.today()}. SSA, FullAttn and MoBA are the same model and recipe trained with "
            "`ssa.training_mode` = `ssa`, `full` and `sparse` (same seed, same data order); every number below comes from "
            "the repo's own tools: `ssa-pretrain`, then `ssa-convert to-hf` and the `ssa-eval` subcommands on each run's "
            "final checkpoint.", "",

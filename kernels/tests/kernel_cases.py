@@ -76,3 +76,45 @@ def rel_err(x: torch.Tensor, ref: torch.Tensor) -> float:
     """Relative RMS error ``||x - ref|| / ||ref||`` in float64 (fla's metric)."""
     x, ref = x.double(), ref.double()
     return ((x - ref).norm() / ref.norm().clamp_min(1e-30)).item()
+
+
+class SDPAReadingGradOutInOutputLayout(torch.autograd.Function):
+    """CPU stand-in for torch's cuDNN attention as the H200 run saw it (torch 2.11): the output is laid
+    out like q (cuDNN's ``alloc_with_matching_layout``), and the backward reads grad_output's memory
+    with the *output's* strides, whatever grad_output's own are (a backward graph built for, and
+    cached with, an output-layout grad_output). A caller that hands it a grad_output in another layout
+    gets gradients uncorrelated with the right ones; one in the output's layout gets SDPA's own.
+    Install with ``monkeypatch.setattr(torch.nn.functional, "scaled_dot_product_attention",
+    SDPAReadingGradOutInOutputLayout.sdpa)``."""
+
+    real_sdpa = staticmethod(torch.nn.functional.scaled_dot_product_attention)
+
+    @staticmethod
+    def forward(ctx, q, k, v):
+        with torch.no_grad():
+            o = SDPAReadingGradOutInOutputLayout.real_sdpa(q, k, v, is_causal=True, enable_gqa=True)
+        out = torch.empty_like(q).copy_(o)  # q [b, hq, s, d] has the output's shape
+        ctx.save_for_backward(q, k, v)
+        ctx.out_layout = (out.shape, out.stride())
+        return out
+
+    @staticmethod
+    def backward(ctx, do):
+        size, stride = ctx.out_layout
+        assert do.shape == size and _dense(do), "the stand-in reads grad_output's memory: it must be dense"
+        seen = torch.as_strided(do, size, stride, do.storage_offset())  # do's memory, the output's strides
+        q, k, v = (t.detach().requires_grad_() for t in ctx.saved_tensors)
+        with torch.enable_grad():
+            o = SDPAReadingGradOutInOutputLayout.real_sdpa(q, k, v, is_causal=True, enable_gqa=True)
+            return torch.autograd.grad(o, (q, k, v), seen)
+
+    @staticmethod
+    def sdpa(q, k, v, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None, enable_gqa=False):
+        assert attn_mask is None and dropout_p == 0.0 and is_causal and scale is None and enable_gqa
+        return SDPAReadingGradOutInOutputLayout.apply(q, k, v)
+
+
+def _dense(t: torch.Tensor) -> bool:
+    """Non-overlapping and dense: some permutation of it is contiguous."""
+    order = sorted(range(t.dim()), key=lambda i: -t.stride(i))
+    return t.permute(order).is_contiguous()

@@ -24,12 +24,38 @@ _QUERY_CHUNK = 1024
 
 
 def full_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-    """Causal softmax attention, scale 1/sqrt(d). q ``[b, s, hq, d]``, k/v ``[b, s, hkv, d]``."""
+    """Causal softmax attention, scale 1/sqrt(d). q ``[b, s, hq, d]``, k/v ``[b, s, hkv, d]``.
+
+    In backward SDPA gets its grad_output in its output's exact layout (``grad_in_output_layout``).
+    """
     # SDPA wants [b, h, s, d]; enable_gqa shares each KV head across its g query heads.
     o = F.scaled_dot_product_attention(
         q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), is_causal=True, enable_gqa=True
     )
-    return o.transpose(1, 2)
+    return grad_in_output_layout(o).transpose(1, 2)
+
+
+def grad_in_output_layout(o: torch.Tensor) -> torch.Tensor:
+    """``o``, whose gradient is re-laid (copied) into ``o``'s own strides when it arrives in others.
+
+    For SDPA's output. Suspected, from an H200 probe (torch 2.11) and torch's sources of the period:
+    cuDNN attention's backward (SDPA's default backend for bf16 on an H100/H200) caches its graph
+    under q/k/v's sizes and strides with the first call's grad_output strides baked in, so a later
+    call with another grad_output layout is read with the first one's strides: gradients of the right
+    size and the wrong values (``kernels/tests/test_dense_grad_layout.py``). The SSA layer hands SDPA two layouts: the full stream's gradient comes in the output's
+    layout, the sparse stream's (its alignment term alone) batch-major. With every grad_output in the
+    output's layout no call leaves another a stale graph; the copy happens only for the second kind.
+    """
+    if o.requires_grad:
+        size, stride = o.shape, o.stride()
+
+        def relay(g: torch.Tensor) -> torch.Tensor:
+            if g.stride() == stride:
+                return g
+            return torch.empty_strided(size, stride, dtype=g.dtype, device=g.device).copy_(g)
+
+        o.register_hook(relay)
+    return o
 
 
 def mean_pool_blocks(k: torch.Tensor, block_size: int) -> torch.Tensor:

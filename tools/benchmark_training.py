@@ -13,6 +13,15 @@ costs time) and reports the median step time after ``--warmup``, tokens/s/GPU, m
 device's dense bf16 peak, peak GPU memory above the process's baseline, and, over
 ``--profile-steps`` further steps, device time per model part (``train/step_profile.py``) and the
 top kernels from the PyTorch profiler. Writes ``OUT.json`` and ``OUT.md``.
+
+Under torchrun it measures one parallel layout (``--tensor-model-parallel-size``,
+``--pipeline-model-parallel-size``, ``--virtual-pipeline-model-parallel-size``; the run file's
+distributed-optimizer setting): tokens/s and TFLOP/s are per GPU, peak memory is the largest over
+ranks, rank 0 prints and writes, and the per-part breakdown (if asked for) is rank 0's own:
+
+    torchrun --nproc-per-node 4 tools/benchmark_training.py --config configs/llama1b_ssa_h100.yaml \
+        --vocab-size 128256 --cases ssa --profile-steps 0 --tensor-model-parallel-size 2 \
+        --pipeline-model-parallel-size 2 --out /tmp/tp2_pp2
 """
 
 from __future__ import annotations
@@ -22,12 +31,14 @@ import dataclasses
 import datetime
 import gc
 import json
+import os
 import re
 import statistics
 import time
 from pathlib import Path
 
 import torch
+import torch.distributed as dist
 
 from ssa_megatron.config import load_config
 from ssa_megatron.data.config import DataConfig
@@ -67,23 +78,38 @@ def top_kernels(trainer: Trainer, rows: int = 15) -> list[dict]:
     return [{"kernel": e.key[:90], "ms": e.device_time_total / 1e3, "calls": e.count} for e in events[:rows]]
 
 
+def synchronize() -> None:
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+
+
+def largest_over_ranks(value: float, device: torch.device) -> float:
+    t = torch.tensor([value], dtype=torch.float64 if device.type == "cpu" else torch.float32, device=device)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return t.item()
+
+
 def measure(case: str, cfg, steps: int, warmup: int, profile_steps: int) -> dict:
     gc.collect()  # the previous case's model and optimizer must not count towards this one's memory
-    torch.cuda.empty_cache()
-    baseline = torch.cuda.memory_allocated()
+    cuda = torch.cuda.is_available()
+    if cuda:
+        torch.cuda.empty_cache()
+    baseline = torch.cuda.memory_allocated() if cuda else 0
     trainer = Trainer(cfg)
     try:
-        torch.cuda.reset_peak_memory_stats()
+        if cuda:
+            torch.cuda.reset_peak_memory_stats()
         times, losses = [], []
         for _ in range(steps):
-            torch.cuda.synchronize()
+            synchronize()
             start = time.perf_counter()
             record = trainer.step()
-            torch.cuda.synchronize()
+            synchronize()
             times.append(time.perf_counter() - start)
             losses.append(record.lm_loss)
-        peak = (torch.cuda.max_memory_allocated() - baseline) / 2**30
-        step_s = statistics.median(times[warmup:])
+        peak = largest_over_ranks((torch.cuda.max_memory_allocated() - baseline) / 2**30 if cuda else 0.0, trainer.ctx.device)
+        # every rank times its own steps; the slowest rank's median is the layout's step time
+        step_s = largest_over_ranks(statistics.median(times[warmup:]), trainer.ctx.device)
         tokens, world = cfg.train.global_batch_size * cfg.model.seq_length, trainer.ctx.world_size
         per_gpu_tflops = lambda c: metrics.flops_per_token(c, c.model.vocab_size) * tokens / step_s / world / 1e12
         peak_tflops = metrics.peak_bf16_tflops(trainer.ctx.device)
@@ -92,8 +118,12 @@ def measure(case: str, cfg, steps: int, warmup: int, profile_steps: int) -> dict
         one_stream = trainer.cfg if cfg.ssa.training_mode != "ssa" else dataclasses.replace(
             trainer.cfg, ssa=dataclasses.replace(trainer.cfg.ssa, training_mode="full"))
         tflops = per_gpu_tflops(trainer.cfg)
+        p = cfg.parallel
         row = {
-            "case": case, "mode": cfg.ssa.training_mode, "seq_length": cfg.model.seq_length,
+            "case": case, "layout": {"tp": p.tensor_model_parallel_size, "pp": p.pipeline_model_parallel_size,
+                                     "vpp": p.virtual_pipeline_model_parallel_size, "dp": trainer.ctx.dp_size,
+                                     "distributed_optimizer": p.use_distributed_optimizer},
+            "gpus": world, "mode": cfg.ssa.training_mode, "seq_length": cfg.model.seq_length,
             "vocab_size": trainer.cfg.model.vocab_size, "fused_kernels": cfg.model.fused_kernels,
             "recompute": cfg.train.recompute_granularity is not None,
             "step_ms": step_s * 1e3, "tokens_per_s_per_gpu": tokens / step_s / world,
@@ -101,7 +131,7 @@ def measure(case: str, cfg, steps: int, warmup: int, profile_steps: int) -> dict
             "mfu_one_stream_percent": mfu(per_gpu_tflops(one_stream)),
             "peak_memory_gib": peak, "lm_loss_first_last": [losses[0], losses[-1]],
         }
-        if profile_steps:
+        if profile_steps and cuda:
             profile = StepProfile(trainer.model, trainer.ctx.device)
             with profile.recording():
                 for _ in range(profile_steps):
@@ -115,6 +145,14 @@ def measure(case: str, cfg, steps: int, warmup: int, profile_steps: int) -> dict
         trainer.close()
 
 
+def layout_name(row: dict) -> str:
+    """``TP2 PP2 (VPP2) DP1, dist. opt.`` (rows of runs before layouts were recorded: one GPU)."""
+    layout = row.get("layout", {"tp": 1, "pp": 1, "vpp": None, "dp": 1, "distributed_optimizer": None})
+    vpp = f" (VPP{layout['vpp']})" if layout["vpp"] and layout["vpp"] > 1 else ""
+    optimizer = ", dist. opt." if layout["distributed_optimizer"] else ""
+    return f"TP{layout['tp']} PP{layout['pp']}{vpp} DP{layout['dp']}{optimizer}"
+
+
 def report(meta: dict, rows: list[dict]) -> str:
     """The markdown page: one throughput table, then each case's breakdown."""
     lines = [
@@ -125,12 +163,12 @@ def report(meta: dict, rows: list[dict]) -> str:
         "Model TFLOP/s count the attention the mode computes (both streams for ssa), never recompute; MFU = that / "
         f"{meta['peak_tflops']} TFLOP/s dense bf16 peak; 'MFU one stream' counts one stream's attention for ssa too "
         "(the paper's convention: SSA's extra stream is overhead).\n" + (f"\n{meta['note']}\n" if meta.get("note") else ""),
-        "| case | seq | vocab | fused | recompute | step ms | tokens/s/GPU | model TFLOP/s | MFU % | MFU % one stream | peak GiB |",
-        "|---|---|---|---|---|---|---|---|---|---|---|",
+        "| case | layout | seq | vocab | fused | recompute | step ms | tokens/s/GPU | model TFLOP/s | MFU % | MFU % one stream | peak GiB |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     pct = lambda v: f"{v:.1f}" if v is not None else "-"
     for r in rows:
-        lines.append(f"| {r['case']} | {r['seq_length']} | {r['vocab_size']} | {'yes' if r['fused_kernels'] else 'no'} | "
+        lines.append(f"| {r['case']} | {layout_name(r)} | {r['seq_length']} | {r['vocab_size']} | {'yes' if r['fused_kernels'] else 'no'} | "
                      f"{'yes' if r['recompute'] else 'no'} | {r['step_ms']:.0f} | {r['tokens_per_s_per_gpu']:.0f} | "
                      f"{r['model_tflops_per_gpu']:.0f} | {pct(r['mfu_percent'])} | {pct(r['mfu_one_stream_percent'])} | "
                      f"{r['peak_memory_gib']:.1f} |")
@@ -165,6 +203,10 @@ def main() -> None:
     parser.add_argument("--profile-steps", type=int, default=2, help="extra steps timed per part (0: no breakdown)")
     parser.add_argument("--micro-batch-size", type=int, default=1)
     parser.add_argument("--global-batch-size", type=int, default=8)
+    parser.add_argument("--tensor-model-parallel-size", type=int, default=None, help="TP (default: the run file's)")
+    parser.add_argument("--pipeline-model-parallel-size", type=int, default=None, help="PP (default: the run file's)")
+    parser.add_argument("--virtual-pipeline-model-parallel-size", type=int, default=None,
+                        help="model chunks per pipeline stage, interleaved 1F1B (default: the run file's)")
     parser.add_argument("--out", required=True, help="path prefix for .json and .md")
     args = parser.parse_args()
     if args.steps <= args.warmup:
@@ -174,23 +216,34 @@ def main() -> None:
         "train": {"train_iters": args.steps + args.profile_steps + 1, "eval_interval": 0, "tensorboard_dir": None,
                   "micro_batch_size": args.micro_batch_size, "global_batch_size": args.global_batch_size},
         "model": {"vocab_size": args.vocab_size},
+        "parallel": {k: v for k, v in {
+            "tensor_model_parallel_size": args.tensor_model_parallel_size,
+            "pipeline_model_parallel_size": args.pipeline_model_parallel_size,
+            "virtual_pipeline_model_parallel_size": args.virtual_pipeline_model_parallel_size,
+        }.items() if v is not None},
     })
     base = dataclasses.replace(base, data=DataConfig(split="100,0,0"))
+    cuda = torch.cuda.is_available()
     meta = {
-        "device": torch.cuda.get_device_name(0), "date": datetime.date.today().isoformat(),
+        "device": torch.cuda.get_device_name(0) if cuda else "cpu", "date": datetime.date.today().isoformat(),
         "torch": torch.__version__, "megatron_core": __import__("megatron.core").core.__version__,
-        "peak_tflops": metrics.peak_bf16_tflops(torch.device("cuda")), "config": args.config,
+        "peak_tflops": metrics.peak_bf16_tflops(torch.device("cuda" if cuda else "cpu")), "config": args.config,
         "model": dataclasses.asdict(base.model), "ssa": dataclasses.asdict(base.ssa),
         "micro_batch_size": args.micro_batch_size, "global_batch_size": args.global_batch_size,
         "steps": args.steps, "warmup": args.warmup, "profile_steps": args.profile_steps,
     }
     rows = []
+    first_rank = int(os.environ.get("RANK", "0")) == 0  # under torchrun rank 0 alone prints and writes
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     for case in args.cases:
         try:
             rows.append(measure(case, case_config(base, case), args.steps, args.warmup, args.profile_steps))
         except torch.OutOfMemoryError as err:  # a case that does not fit is a result, not the end of the run
+            if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+                raise  # the other ranks would wait for this one in their next collective
             print(f"{case}: out of memory: {str(err).splitlines()[0]}", flush=True)
+            continue
+        if not first_rank:
             continue
         print(json.dumps({k: v for k, v in rows[-1].items() if k != "top_kernels"}), flush=True)
         # written after every case: a run cut short by its time limit keeps what it measured

@@ -4,7 +4,8 @@
 
 Runs ``run_layout.py`` under torchrun for one GPU, TP=2 and PP=2 from the same initial weights and
 data (a 8-layer SSA model, seq 1024, Triton kernels), and writes the max differences of the logged
-LM/alignment losses and of the final weights as JSON and a markdown table.
+LM/alignment losses and of the final weights as JSON and a markdown table. The 4-GPU run of
+issue 12 (``gpu_layouts.py``) uses ``compare`` and ``versions`` from here.
 """
 
 from __future__ import annotations
@@ -36,6 +37,36 @@ def rel(a, b):
     return abs(a - b) / max(abs(b), 1e-12)
 
 
+def compare(single: dict, result: dict, initial: dict) -> dict:
+    """One layout's ``run_layout.py`` result against the one-process run from the same ``initial`` weights."""
+    ref = single["ranks"][0]["records"]
+    got = result["ranks"][-1]["records"]  # the last rank is on the last pipeline stage
+    weights = [(result["weights"][k] - v).abs().max().item() for k, v in single["weights"].items()]
+    updates = [(v - initial[k]).abs().max().item() for k, v in single["weights"].items()]
+    diff_sq = sum(((result["weights"][k] - v) ** 2).sum().item() for k, v in single["weights"].items())
+    update_sq = sum(((v - initial[k]) ** 2).sum().item() for k, v in single["weights"].items())
+    return {
+        "lm_loss_max_rel_diff": max(rel(g["lm"], r["lm"]) for g, r in zip(got, ref)),
+        "alignment_loss_max_rel_diff": max(rel(g["align"], r["align"]) for g, r in zip(got, ref)),
+        "per_layer_alignment_max_rel_diff": max(rel(a, b) for g, r in zip(got, ref) for a, b in zip(g["layers"], r["layers"])),
+        "weights_max_abs_diff": max(weights),
+        "weights_max_abs_update": max(updates),
+        # ||W_layout - W_single|| / ||W_single - W_init||: the difference relative to what training moved
+        "weights_rel_l2_diff_vs_update": (diff_sq / update_sq) ** 0.5,
+        "lm_loss_first_last": [ref[0]["lm"], ref[-1]["lm"]],
+        # draws are keyed by the micro-batch's global position: all ranks together draw what one process does
+        "modes_match": {tuple(m) for r in result["ranks"] for m in r["modes"]} == set(map(tuple, single["ranks"][0]["modes"])),
+    }
+
+
+def versions() -> dict:
+    """What the report's header names: the device (or "cpu"), how many, the date and the versions."""
+    cuda = torch.cuda.is_available()
+    return {"device": torch.cuda.get_device_name(0) if cuda else "cpu", "gpus": torch.cuda.device_count() if cuda else 0,
+            "date": datetime.date.today().isoformat(), "torch": torch.__version__,
+            "megatron_core": __import__("megatron.core").core.__version__}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--out", required=True, help="path prefix for .json and .md")
@@ -53,29 +84,9 @@ def main() -> None:
     rows = []
     for name, layout in LAYOUTS.items():
         result = launch(2, layout, init, work / f"{name}.pt", args.steps)
-        ref = single["ranks"][0]["records"]
-        got = result["ranks"][-1]["records"]
-        weights = [(result["weights"][k] - v).abs().max().item() for k, v in single["weights"].items()]
-        updates = [(v - initial[k]).abs().max().item() for k, v in single["weights"].items()]
-        diff_sq = sum(((result["weights"][k] - v) ** 2).sum().item() for k, v in single["weights"].items())
-        update_sq = sum(((v - initial[k]) ** 2).sum().item() for k, v in single["weights"].items())
-        rows.append({
-            "layout": name,
-            "lm_loss_max_rel_diff": max(rel(g["lm"], r["lm"]) for g, r in zip(got, ref)),
-            "alignment_loss_max_rel_diff": max(rel(g["align"], r["align"]) for g, r in zip(got, ref)),
-            "per_layer_alignment_max_rel_diff": max(rel(a, b) for g, r in zip(got, ref) for a, b in zip(g["layers"], r["layers"])),
-            "weights_max_abs_diff": max(weights),
-            "weights_max_abs_update": max(updates),
-            # ||W_layout - W_single|| / ||W_single - W_init||: the difference relative to what training moved
-            "weights_rel_l2_diff_vs_update": (diff_sq / update_sq) ** 0.5,
-            "lm_loss_first_last": [ref[0]["lm"], ref[-1]["lm"]],
-            "modes_match": sorted(map(tuple, result["ranks"][0]["modes"])) == sorted(map(tuple, single["ranks"][0]["modes"])),
-        })
+        rows.append({"layout": name, **compare(single, result, initial)})
         print(json.dumps(rows[-1]), flush=True)
-    meta = {"device": torch.cuda.get_device_name(0), "gpus": torch.cuda.device_count(),
-            "date": datetime.date.today().isoformat(), "torch": torch.__version__,
-            "megatron_core": __import__("megatron.core").core.__version__,
-            "model": MODEL, "ssa": SSA, "train": TRAIN, "steps": args.steps}
+    meta = {**versions(), "model": MODEL, "ssa": SSA, "train": TRAIN, "steps": args.steps}
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(f"{args.out}.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=2))
     lines = [f"# Layout equality on GPU (NCCL, {args.dtype})\n", f"{meta['device']} x {meta['gpus']}, {meta['date']}, torch {meta['torch']}, "

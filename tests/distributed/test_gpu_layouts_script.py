@@ -28,24 +28,20 @@ def run_script(tmp_path, *args: str) -> dict:
     return {**report, "page": Path(f"{out}.md").read_text()}
 
 
-def test_layout_equality_and_throughput_parts_pass_on_four_cpu_ranks(tmp_path):
-    """One 4-rank layout per part (the full CPU run, every layout, takes ~5 min on 2 cores)."""
-    report = run_script(tmp_path, "--parts", "equality", "throughput", "--equality-layouts", "tp2_pp2_vpp2",
+def test_every_part_passes_on_four_cpu_ranks(tmp_path):
+    """One 4-rank layout per part, in one invocation (the full CPU run, every layout, takes ~5 min on 2 cores)."""
+    report = run_script(tmp_path, "--parts", "equality", "checkpoint", "throughput",
+                        "--equality-layouts", "tp2_pp2_vpp2", "--resumes", "tp2_pp2:one",
                         "--throughput-layouts", "tp2_pp2_vpp2")  # the interleaved flags reach the benchmark too
     [row] = report["equality"]
     assert row["layout"] == "tp2_pp2_vpp2" and row["ranks_log_identical"] and row["modes_match"]
     assert row["lm_loss_max_rel_diff"] <= report["meta"]["tolerance"]["lm_loss"]
     assert row["alignment_loss_max_rel_diff"] <= report["meta"]["tolerance"]["alignment_loss"]
+    [resume] = report["checkpoint"]
+    assert (resume["saved_at"], resume["resumed_at"]) == ("tp2_pp2", "one")
+    assert resume["iterations_continue"] and resume["passed"]
     [bench] = report["throughput"]
     assert bench["layout"] == {"tp": 2, "pp": 2, "vpp": 2, "dp": 1, "distributed_optimizer": False}
     assert bench["gpus"] == 4 and bench["tokens_per_s_per_gpu"] > 0
-    for heading in ("Layout equality", "Throughput per layout", "Launches"):
+    for heading in ("Layout equality", "Save at one layout", "Throughput per layout", "Launches"):
         assert heading in report["page"]
-
-
-def test_checkpoint_part_resumes_a_tp2_pp2_save_at_one_device_with_the_same_losses(tmp_path):
-    report = run_script(tmp_path, "--parts", "checkpoint", "--resumes", "tp2_pp2:one")
-    [row] = report["checkpoint"]
-    assert (row["saved_at"], row["resumed_at"]) == ("tp2_pp2", "one")
-    assert row["iterations_continue"] and row["passed"]
-    assert "Save at one layout" in report["page"]

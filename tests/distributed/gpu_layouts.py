@@ -175,11 +175,10 @@ def equality(run: Runner, s: dict, work: Path, singles: dict) -> list[dict]:
     return rows
 
 
-def checkpoint_runs(s: dict, work: Path) -> tuple[dict, callable]:
-    """Sections of the checkpoint runs, and ``launch(name, layout, split=..., load=...)``."""
+def checkpoint_launcher(s: dict, work: Path):
+    """``launch(name, layout, stop=..., load=...)``: one checkpoint run of the tiny model, its last rank's records."""
     steps, split = s["checkpoint_steps"]
     spec = s["models"]["tiny"]
-    sections = {"model": spec["model"], "ssa": spec["ssa"], "train": {**s["train"], "train_iters": steps}}
 
     def launch(name: str, layout: str, *, stop: bool = False, load: str | None = None, timeout=None, env=None):
         nproc, parallel = LAYOUTS[layout]
@@ -188,22 +187,22 @@ def checkpoint_runs(s: dict, work: Path) -> tuple[dict, callable]:
             checkpoint["load"] = checkpoint["save"]
         if load:
             checkpoint["load"] = load
-        train = {**sections["train"], "exit_interval": split} if stop else sections["train"]
+        train = {**s["train"], "train_iters": steps, **({"exit_interval": split} if stop else {})}
         results = launch_training(nproc, work / name, expect_exit=3 if stop else 0, in_process=False, env=env,
-                                  timeout=timeout, model=sections["model"], ssa=sections["ssa"], train=train,
+                                  timeout=timeout, model=spec["model"], ssa=spec["ssa"], train=train,
                                   parallel={**parallel, "use_distributed_optimizer": True}, checkpoint=checkpoint)
         return results[-1]["records"]
 
-    return sections, launch
+    return launch
 
 
 def checkpoint(run: Runner, s: dict, work: Path, straight: list[dict] | None) -> list[dict]:
+    if straight is None:
+        return []
     _, split = s["checkpoint_steps"]
-    _, launch = checkpoint_runs(s, work)
+    launch = checkpoint_launcher(s, work)
     tolerance = TOLERANCE[s["train"]["dtype"]]["lm_loss"]
     rows = []
-    if straight is None:
-        return rows
     for source, targets in s["resumes"].items():
         first = run(f"checkpoint save at {source}", launch, f"split_{source}", source, stop=True)
         if first is None:
@@ -358,8 +357,7 @@ def main() -> None:
                 nproc=1, init=work / f"init_{name}.pt", out=work / f"{name}_one.pt", steps=s["steps"],
                 layout={}, model=spec["model"], ssa=spec["ssa"], train=s["train"]))
     if "checkpoint" in args.parts:
-        _, launch = checkpoint_runs(s, work)
-        jobs["checkpoint straight at one"] = (launch, dict(name="straight_one", layout="one"))
+        jobs["checkpoint straight at one"] = (checkpoint_launcher(s, work), dict(name="straight_one", layout="one"))
     singles = run.one_gpu_together(jobs)
     if "equality" in args.parts:
         report["equality"] = equality(run, s, work, singles)

@@ -60,7 +60,7 @@ def test_the_stand_in_breaks_a_caller_that_hands_it_another_grad_output_layout(m
     case = Case(2, 24, 4, 2, 16, 8, 2, f32)
     (q, k, v), _, _ = megatron_inputs(case, seed=12)
     qt, kt, vt = (t.permute(1, 2, 0, 3) for t in (q, k, v))  # [b, h, s, d] views of [s, b, h, d]
-    do = torch.randn(case.b, case.s, case.hq, case.d).transpose(1, 2)  # [b, h, s, d] view, batch-major
+    do = torch.randn(case.b, case.s, case.hq, case.d, device=DEVICE).transpose(1, 2)  # [b, h, s, d] view, batch-major
     sdpa = torch.nn.functional.scaled_dot_product_attention
     want = torch.autograd.grad(sdpa(qt, kt, vt, is_causal=True, enable_gqa=True), (q, k, v), do)
     monkeypatch.setattr(torch.nn.functional, "scaled_dot_product_attention", SDPAReadingGradOutInOutputLayout.sdpa)

@@ -2,8 +2,8 @@
 
 Why: on the H200 (torch 2.11, cuDNN SDPA, the default backend for bf16 there) a probe of issue 10's fused layer
 gave q/k/v gradients uncorrelated with the unfused layer's whenever the two handed SDPA's backward grad_outputs
-in different layouts for the same q/k/v. The suspected cause is torch's cuDNN attention backward, which caches
-its graph under q/k/v's sizes and strides with the first call's grad_output strides baked in. The SSA layer
+in different layouts for the same q/k/v. The cause (confirmed there since) is torch's cuDNN attention backward,
+which caches its graph under q/k/v's sizes and strides with the first call's grad_output strides baked in. The SSA layer
 hands it two layouts: the full stream's gradient arrives in the output's layout (Megatron's sequence-major
 views), the sparse stream's dense gradient (the alignment term alone, written by the Triton alignment kernel)
 batch-major. CPU SDPA accepts any layout, so the CPU tests use a stand-in that reads grad_output as cuDNN's

@@ -38,13 +38,13 @@ def full_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.T
 def grad_in_output_layout(o: torch.Tensor) -> torch.Tensor:
     """``o``, whose gradient is re-laid (copied) into ``o``'s own strides when it arrives in others.
 
-    For SDPA's output. Suspected, from an H200 probe (torch 2.11) and torch's sources of the period:
-    cuDNN attention's backward (SDPA's default backend for bf16 on an H100/H200) caches its graph
-    under q/k/v's sizes and strides with the first call's grad_output strides baked in, so a later
-    call with another grad_output layout is read with the first one's strides: gradients of the right
-    size and the wrong values (``kernels/tests/test_dense_grad_layout.py``). The SSA layer hands SDPA two layouts: the full stream's gradient comes in the output's
-    layout, the sparse stream's (its alignment term alone) batch-major. With every grad_output in the
-    output's layout no call leaves another a stale graph; the copy happens only for the second kind.
+    For SDPA's output. cuDNN attention's backward (SDPA's default backend for bf16 on an H100/H200)
+    caches its graph under q/k/v's sizes and strides with the first call's grad_output strides baked
+    in, so a later call with another grad_output layout is read with the first one's strides:
+    gradients of the right size and the wrong values (confirmed on an H200 with torch 2.11; see
+    docs/kernels.md). The SSA layer hands SDPA two layouts: the full stream's gradient comes in the
+    output's layout, the sparse stream's (its alignment term alone) batch-major. With every grad_output
+    in the output's layout no call leaves another a stale graph; the copy happens only for the second.
     """
     if o.requires_grad:
         size, stride = o.shape, o.stride()
